@@ -1,0 +1,166 @@
+"""The artifact contract between steps: files plus a `_SUCCESS.json` manifest written last.
+
+A step collects what it writes in a `Ledger` (each file's size, sha256, and for arrays shape and
+dtype), then `publish()` writes `<folder>/_SUCCESS.json` with the resolved config, the inputs'
+digests, a fingerprint, versions and timings. Readers call `read_manifest()` (which refuses a
+folder without one) and `load_array()`/`load_bytes()`, which verify what they read against it.
+A step whose manifest carries the same fingerprint (same config and inputs) is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clusterfit import __version__
+from clusterfit.storage import NotFound, Store, array_from_bytes, array_to_bytes, sha256_bytes
+
+MANIFEST = "_SUCCESS.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """A missing, unfinished or altered artifact; the message names the folder or file."""
+
+
+def npy_meta(data: bytes) -> dict[str, Any]:
+    """Shape and dtype from a .npy header, without loading the array."""
+    buffer = io.BytesIO(data[:4096])
+    version = np.lib.format.read_magic(buffer)
+    header = np.lib.format._read_array_header(buffer, version)  # noqa: SLF001 - stable since numpy 1.x
+    shape, _, dtype = header
+    return {"shape": list(shape), "dtype": np.dtype(dtype).str}
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def fingerprint(step: str, config_tree: dict[str, Any], inputs: dict[str, str]) -> str:
+    """What decides a step's output: its name, the config keys it reads, its inputs' digests."""
+    return hashlib.sha256(canonical_json({"step": step, "config": config_tree, "inputs": inputs})).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "clusterfit": __version__, "numpy": np.__version__}
+    for name in ("torch", "torchvision", "faiss"):  # only those already imported: never import torch here
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = str(getattr(module, "__version__", "?"))
+    return found
+
+
+@dataclass
+class Ledger:
+    """Writes files under one folder and remembers what it wrote, for the manifest."""
+
+    store: Store
+    folder: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+    def put_bytes(self, name: str, data: bytes, meta: dict[str, Any] | None = None) -> None:
+        self.store.put_bytes(self.key(name), data)
+        self.record(name, data, meta)
+
+    def put_array(self, name: str, array: np.ndarray) -> None:
+        data = array_to_bytes(array)
+        self.put_bytes(name, data, {"shape": list(array.shape), "dtype": array.dtype.str})
+
+    def put_json(self, name: str, obj: Any) -> None:
+        self.put_bytes(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def record(self, name: str, data: bytes, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"size": len(data), "sha256": sha256_bytes(data)}
+        if meta is None and name.endswith(".npy"):
+            meta = npy_meta(data)
+        entry.update(meta or {})
+        self.files[name] = entry
+        return entry
+
+
+def publish(
+    ledger: Ledger,
+    *,
+    step: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    fingerprint_: str,
+    started_s: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `<folder>/_SUCCESS.json`, last: from here on readers accept the folder."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "fingerprint": fingerprint_,
+        "inputs": inputs,
+        "files": ledger.files,
+        "config": config,
+        "versions": versions(),
+        "timings": {"started_unix_s": started_s, "finished_unix_s": time.time(), "wall_s": time.time() - started_s},
+        **(extra or {}),
+    }
+    ledger.store.put_bytes(ledger.key(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return manifest
+
+
+def read_manifest(store: Store, folder: str) -> dict[str, Any]:
+    """The folder's manifest; a folder without one is refused."""
+    try:
+        data = store.get_bytes(f"{folder}/{MANIFEST}")
+    except NotFound:
+        raise ArtifactError(
+            f"{store.uri(folder)}: no {MANIFEST}: the step that writes this artifact has not finished (or never ran)"
+        ) from None
+    try:
+        manifest: dict[str, Any] = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{store.uri(folder)}/{MANIFEST}: not valid JSON: {exc}") from exc
+    manifest["_digest"] = sha256_bytes(data)
+    return manifest
+
+
+def manifest_digest(store: Store, folder: str) -> str:
+    """sha256 of the manifest: the digest of everything the folder holds (it lists every file's sha256)."""
+    return str(read_manifest(store, folder)["_digest"])
+
+
+def is_published(store: Store, folder: str, fingerprint_: str) -> bool:
+    try:
+        return bool(read_manifest(store, folder).get("fingerprint") == fingerprint_)
+    except ArtifactError:
+        return False
+
+
+def load_bytes(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> bytes:
+    """A file of a published folder, checked against the manifest's size and sha256."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ArtifactError(f"{store.uri(folder)}: {name} is not listed in its {MANIFEST}")
+    data = store.get_bytes(f"{folder}/{name}")
+    if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
+        raise ArtifactError(
+            f"{store.uri(folder + '/' + name)}: does not match {MANIFEST} "
+            f"(size {len(data)} vs {entry['size']}, sha256 {sha256_bytes(data)[:12]} vs {entry['sha256'][:12]}): "
+            "the file was altered after publication; rerun the step that wrote it"
+        )
+    return data
+
+
+def load_array(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> np.ndarray:
+    return array_from_bytes(load_bytes(store, folder, name, manifest), store.uri(f"{folder}/{name}"))
+
+
+def load_json(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> Any:
+    return json.loads(load_bytes(store, folder, name, manifest))

@@ -1,0 +1,144 @@
+"""The `clusterfit` command line.
+
+    clusterfit run config=quickstart                      # every step, skipping finished ones
+    clusterfit extract config=quickstart config.EXTRACT.CHUNK_SIZE=256
+    clusterfit config show config=quickstart config.CLUSTERFIT.NUM_CLUSTERS=10
+    clusterfit launch extract config=quickstart config.DISTRIBUTED.NUM_PROC_PER_NODE=2
+    clusterfit render config=quickstart --out k8s/quickstart
+    clusterfit submit config=quickstart
+
+Arguments follow VISSL: `config=<name or path>` and any number of `config.A.B=value`.
+Errors in the user's input (config, data, weights, storage) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from clusterfit import __version__
+from clusterfit.config import STEPS, Config, ConfigError, load_config, to_yaml
+from clusterfit.runtime import setup_logging
+
+log = logging.getLogger("clusterfit")
+
+STEP_HELP = {
+    "pretrain": "RotNet from scratch: starting weights without any download",
+    "extract": "features of every image from the starting model, chunk by chunk",
+    "cluster": "k-means of the features: centroids and one pseudo-label per image",
+    "train": "a network from scratch on the cluster labels",
+    "evaluate": "linear probes, kNN, NMI/ARI: starting model vs. ClusterFit model",
+}
+# Kubernetes commands live in clusterfit.kube (no torch there); each takes the remaining argv.
+KUBE_COMMANDS = {
+    "render": ("clusterfit.kube.render", "cli_render", "write the step PyTorchJobs (and ConfigMap) for kubectl apply"),
+    "submit": ("clusterfit.kube.commands", "cli_submit", "run the pipeline on Kubernetes, following each step's PyTorchJob"),
+    "status": ("clusterfit.kube.commands", "cli_status", "show the experiment's step jobs and their conditions"),
+    "logs": ("clusterfit.kube.commands", "cli_logs", "print (or --follow) a step's master pod log"),
+    "cancel": ("clusterfit.kube.commands", "cli_cancel", "delete (or --suspend) the experiment's running step jobs"),
+}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: print the message, no traceback."""
+    from clusterfit.artifacts import ArtifactError
+    from clusterfit.runtime import DistributedEnvError
+    from clusterfit.storage import StorageError
+
+    errors: list[type[BaseException]] = [ConfigError, ArtifactError, StorageError, DistributedEnvError]
+    for module, name in (("clusterfit.data", "DatasetError"), ("clusterfit.weights", "WeightsError"), ("clusterfit.inputs", "InputError")):
+        if module in sys.modules or module != "clusterfit.inputs":
+            try:
+                errors.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                pass
+    return tuple(errors)
+
+
+def step_runner(step: str) -> Callable[[Config], object]:
+    module = importlib.import_module(f"clusterfit.{step}")
+    return module.run  # type: ignore[no-any-return]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clusterfit",
+        description="ClusterFit: extract features, k-means them into pseudo-labels, retrain, evaluate.",
+        epilog="Arguments: config=<name or path> and config.KEY.PATH=value overrides, as in VISSL.",
+    )
+    parser.add_argument("--version", action="version", version=f"clusterfit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("run", help="every step of PIPELINE.STEPS in order, skipping finished ones").add_argument("args", nargs="*")
+    for step in STEPS:
+        sub.add_parser(step, help=STEP_HELP[step]).add_argument("args", nargs="*")
+    launch = sub.add_parser("launch", help="start a step on NUM_PROC_PER_NODE local workers through torch.distributed.run")
+    launch.add_argument("step", choices=[*STEPS, "run"])
+    launch.add_argument("args", nargs="*")
+    config = sub.add_parser("config", help="show the resolved config")
+    config.add_argument("action", choices=["show", "schema"])
+    config.add_argument("args", nargs="*")
+    for name, (_, _, text) in KUBE_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return dispatch(ns)
+    except user_errors() as exc:
+        print(f"clusterfit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clusterfit: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(ns: argparse.Namespace) -> int:
+    if ns.command in KUBE_COMMANDS:
+        module, func, _ = KUBE_COMMANDS[ns.command]
+        return int(getattr(importlib.import_module(module), func)(ns.args))
+    if ns.command == "config":
+        if ns.action == "schema":
+            import json
+
+            print(json.dumps(Config.model_json_schema(), indent=2))
+            return 0
+        print(to_yaml(load_config(ns.args)), end="")
+        return 0
+    cfg = load_config(ns.args)
+    if ns.command == "launch":
+        return launch(ns.step, ns.args, cfg)
+    if cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1 and "RANK" not in os.environ:
+        return launch(ns.command, ns.args, cfg)
+    if ns.command == "run":
+        from clusterfit.pipeline import run_pipeline
+
+        run_pipeline(cfg)
+        return 0
+    result = step_runner(ns.command)(cfg)
+    log.info("%s: %s", ns.command, result)
+    return 0
+
+
+def launch(step: str, args: list[str], cfg: Config) -> int:
+    """Hand the step to torch.distributed.run with NUM_PROC_PER_NODE local workers (torchrun owns the ranks)."""
+    import subprocess
+
+    nproc = cfg.DISTRIBUTED.NUM_PROC_PER_NODE
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "clusterfit", step, *args,
+    ]  # fmt: skip
+    log.info("launch: %s", " ".join(command))
+    return subprocess.call(command)
+
+
+__all__ = ["main", "to_yaml"]

@@ -1,0 +1,67 @@
+"""torch.distributed set-up from the `env://` variables (torchrun, the PyTorchJob operator).
+
+Processes belong to the platform: this module joins the process group the environment describes
+and never spawns ranks or writes RANK. One process when nothing is set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from clusterfit.runtime import Ranks, ranks_from_env
+
+
+@dataclass(frozen=True)
+class Dist:
+    ranks: Ranks
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ranks.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.is_main
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join the process group described by env:// (gloo on CPU, nccl on CUDA); one process when unset."""
+    ranks = ranks_from_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if ranks.distributed and not dist.is_initialized():
+        chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(chosen, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and ranks.distributed:
+        # Ranks sharing one machine's cores would otherwise oversubscribe them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(ranks.world_size, 1)))
+    return Dist(ranks, device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,213 @@
+"""Step 1a: features of every image, chunk by chunk, from the starting model.
+
+    clusterfit extract config=quickstart
+    clusterfit extract config=quickstart config.DISTRIBUTED.NUM_PROC_PER_NODE=2   # two local ranks
+    torchrun --nproc-per-node 8 -m clusterfit extract config=pretrain/clusterfit/cluster_features_resnet_8gpu_rotation_in1k
+
+Writes `features/<split>/<layer>/part-<rank>-<chunk>.npy` (float32, n x D) with `...-index.npy`
+(int64 dataset indices). The dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive
+indices; chunk c belongs to rank c % world_size, so every index is extracted exactly once, with
+no padding. Memory holds one chunk. A chunk is done when its marker `_chunks/chunk-<c>.json`
+exists; a restarted extraction skips those. Rank 0 publishes `_SUCCESS.json` after all chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from clusterfit import artifacts, distributed
+from clusterfit.config import Config
+from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
+from clusterfit.layout import StartWeights, features_folder, start_weights
+from clusterfit.models import Network, build_network, pool_features
+from clusterfit.runtime import progress
+from clusterfit.storage import Store, array_to_bytes, open_store
+from clusterfit.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    folders: list[str]
+    skipped_steps: list[str]
+    chunks_computed: int
+
+
+def run(cfg: Config) -> ExtractResult:
+    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
+    store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
+    log.info("extract: artifact root %s", store.uri())
+    start = start_weights(cfg, store)
+    layers = feature_layers(cfg)
+    result = ExtractResult([], [], 0)
+    model: Network | None = None
+    for partition in extract_partitions(cfg):
+        folder = features_folder(partition)
+        fp = fingerprint(cfg, partition, start, layers)
+        result.folders.append(folder)
+        if artifacts.is_published(store, folder, fp):
+            log.info("extract %s: already published at %s with the same config and inputs; skipping", partition, store.uri(folder))
+            result.skipped_steps.append(partition)
+            continue
+        if model is None:
+            model = starting_model(cfg, start).to(dist.device).eval()
+        dataset = build_dataset(cfg, partition, eval_transform(cfg.DATA.TRANSFORMS))
+        result.chunks_computed += extract_chunks(cfg, store, folder, model, dataset, layers, dist)
+        distributed.barrier()
+        if dist.is_main:
+            publish(cfg, store, folder, partition, fp, start, layers, len(dataset))
+        distributed.barrier()
+    log.info("extract: done; features under %s", store.uri("features"))
+    return result
+
+
+def feature_layers(cfg: Config) -> list[str]:
+    return [cfg.CLUSTERFIT.FEATURES.LAYER_NAME]
+
+
+def extract_partitions(cfg: Config) -> list[str]:
+    wanted = dict.fromkeys([cfg.CLUSTERFIT.FEATURES.DATA_PARTITION, *cfg.EXTRACT.PARTITIONS])
+    return [p for p in wanted if cfg.split(p).enabled]
+
+
+def model_identity(cfg: Config, start: StartWeights, layers: list[str]) -> dict[str, Any]:
+    """What the features were computed with; cluster refuses features of another model or layer."""
+    return {
+        "trunk": cfg.MODEL.TRUNK.model_dump(),
+        "weights": start.identity(),
+        "layers": layers,
+        "pool_size": cfg.EXTRACT.POOL_SIZE,
+        "transforms": {k: v for k, v in cfg.DATA.TRANSFORMS.model_dump().items() if k.startswith(("EVAL", "MEAN", "STD"))},
+    }
+
+
+def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[str]) -> str:
+    tree = {"model": model_identity(cfg, start, layers), "data": dataset_identity(cfg, partition), "chunk": cfg.EXTRACT.CHUNK_SIZE}
+    return artifacts.fingerprint("extract", tree, {"weights": start.digest or start.uri})
+
+
+def starting_model(cfg: Config, start: StartWeights) -> Network:
+    model = build_network(cfg.MODEL.TRUNK)
+    if start.random:
+        log.warning(
+            "no MODEL.WEIGHTS_INIT.PARAMS_FILE and no pretrain step: extracting features of a RANDOMLY INITIALISED %s",
+            cfg.MODEL.TRUNK.NAME,
+        )
+        torch.manual_seed(cfg.EXPERIMENT.SEED)
+        return build_network(cfg.MODEL.TRUNK)
+    assert start.options is not None
+    load_weights(model, start.options.model_copy(update={"PARAMS_FILE": start.uri}), cfg.STORAGE, require_trunk=True)
+    return model
+
+
+@torch.inference_mode()
+def forward_features(model: Network, images: torch.Tensor, layers: list[str], pool_size: int) -> dict[str, np.ndarray]:
+    """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size."""
+    taps = model.trunk.taps(images, layers)
+    return {name: pool_features(taps[name], pool_size).float().cpu().numpy() for name in layers}
+
+
+def chunk_batches(chunks: list[int], chunk_size: int, total: int, batch_size: int) -> list[list[int]]:
+    """Batches of dataset indices that never straddle a chunk boundary, in chunk order."""
+    batches = []
+    for chunk in chunks:
+        indices = list(range(chunk * chunk_size, min((chunk + 1) * chunk_size, total)))
+        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return batches
+
+
+def extract_chunks(
+    cfg: Config, store: Store, folder: str, model: Network, dataset: ImageDataset, layers: list[str], dist: distributed.Dist
+) -> int:
+    """Extract this rank's unfinished chunks; returns how many were computed."""
+    size, total = cfg.EXTRACT.CHUNK_SIZE, len(dataset)
+    num_chunks = math.ceil(total / size)
+    mine = [c for c in range(num_chunks) if c % dist.world_size == dist.rank]
+    todo = [c for c in mine if not store.exists(marker_key(folder, c))]
+    if len(todo) < len(mine):
+        log.info("extract: %d of this rank's %d chunks already done; resuming at chunk %d", len(mine) - len(todo), len(mine), todo[0] if todo else -1)
+    batches = chunk_batches(todo, size, total, cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, pin_memory=dist.device.type == "cuda"
+    )
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]] = {}
+    for images, index, ok in progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch"):
+        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE)
+        chunk = int(index[0]) // size
+        pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
+        expected = min((chunk + 1) * size, total) - chunk * size
+        if sum(len(b[0]) for b in pending[chunk]) == expected:
+            write_chunk(store, folder, chunk, dist.rank, layers, pending.pop(chunk))
+    return len(todo)
+
+
+def marker_key(folder: str, chunk: int) -> str:
+    return f"{folder}/_chunks/chunk-{chunk:06d}.json"
+
+
+def write_chunk(store: Store, folder: str, chunk: int, rank: int, layers: list[str], batches: list[Any]) -> None:
+    """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done)."""
+    index = np.concatenate([b[0] for b in batches]).astype(np.int64)
+    ok = np.concatenate([b[1] for b in batches]).astype(bool)
+    files: dict[str, dict[str, Any]] = {}
+    stem = f"part-{rank:05d}-{chunk:06d}"
+    for layer in layers:
+        feats = np.concatenate([b[2][layer] for b in batches])[ok].astype(np.float32, copy=False)
+        if not np.isfinite(feats).all():
+            raise FloatingPointError(f"{store.uri(f'{folder}/{layer}/{stem}.npy')}: the model produced NaN/inf features")
+        for name, array in ((f"{layer}/{stem}.npy", feats), (f"{layer}/{stem}-index.npy", index[ok])):
+            data = array_to_bytes(array)
+            store.put_bytes(f"{folder}/{name}", data)
+            files[name] = {"size": len(data), "sha256": artifacts.sha256_bytes(data), "shape": list(array.shape), "dtype": array.dtype.str}
+    marker = {"chunk": chunk, "rank": rank, "files": files, "count": int(ok.sum()), "skipped": index[~ok].tolist()}
+    store.put_bytes(marker_key(folder, chunk), json.dumps(marker).encode())
+
+
+def publish(cfg: Config, store: Store, folder: str, partition: str, fp: str, start: StartWeights, layers: list[str], total: int) -> None:
+    started = time.time()
+    num_chunks = math.ceil(total / cfg.EXTRACT.CHUNK_SIZE)
+    ledger = artifacts.Ledger(store, folder)
+    skipped: list[int] = []
+    dims: dict[str, int] = {}
+    for chunk in range(num_chunks):
+        marker = json.loads(store.get_bytes(marker_key(folder, chunk)))
+        ledger.files.update(marker["files"])
+        skipped += marker["skipped"]
+        for name, entry in marker["files"].items():
+            if not name.endswith("-index.npy") and len(entry["shape"]) == 2:
+                dims[name.split("/")[0]] = entry["shape"][1]
+    if skipped:
+        log.warning("extract %s: %d unreadable images skipped (DATA.ON_BAD_IMAGE=skip): %s", partition, len(skipped), skipped[:20])
+    artifacts.publish(
+        ledger,
+        step="extract",
+        config=cfg.model_dump(mode="json"),
+        inputs={"weights": start.digest or start.uri},
+        fingerprint_=fp,
+        started_s=started,
+        extra={
+            "partition": partition,
+            "dataset_name": cfg.CLUSTERFIT.FEATURES.DATASET_NAME,
+            "num_images": total,
+            "num_chunks": num_chunks,
+            "skipped_indices": skipped,
+            "dims": dims,
+            "model": model_identity(cfg, start, layers),
+        },
+    )
+    log.info("extract %s: published %d images x %s in %d chunks at %s", partition, total, dims, num_chunks, store.uri(folder))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clusterfit.cli import main as cli_main
+
+    return cli_main(["extract", *(argv or [])])

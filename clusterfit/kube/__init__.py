@@ -1,0 +1,1 @@
+"""Kubernetes delivery: PyTorchJob manifests and the controller. Imports neither torch nor faiss."""

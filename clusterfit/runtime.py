@@ -1,0 +1,117 @@
+"""Process environment: rank discovery from `env://` variables, rank-aware logging, progress.
+
+torchrun and the PyTorchJob operator set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+(torchrun also LOCAL_RANK). All absent means one process; some present is an error. This module
+imports no deep-learning library, so the cluster step (no torch in its image) uses it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
+
+
+class DistributedEnvError(RuntimeError):
+    """The env:// variables are half set."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
+    """This process's rank, world size and local rank; one process when none of the variables is set."""
+    env = dict(os.environ if env is None else env)
+    present = [name for name in ENV_VARS if name in env]
+    if not present:
+        return Ranks()
+    missing = [name for name in ENV_VARS if name not in env]
+    if missing:
+        raise DistributedEnvError(
+            f"half-set distributed environment: {', '.join(present)} set but {', '.join(missing)} missing "
+            "(start through torchrun or the PyTorchJob operator, or unset them all for one process)"
+        )
+    try:
+        ranks = Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    except ValueError as exc:
+        raise DistributedEnvError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from exc
+    if not 0 <= ranks.rank < ranks.world_size:
+        raise DistributedEnvError(f"RANK={ranks.rank} is outside WORLD_SIZE={ranks.world_size}")
+    return ranks
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = ranks_from_env_safe().rank
+        return True
+
+
+def ranks_from_env_safe() -> Ranks:
+    try:
+        return ranks_from_env()
+    except DistributedEnvError:
+        return Ranks()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines carry the time and the rank: `12:00:01 [rank 0] clusterfit.extract: ...`."""
+    root = logging.getLogger()
+    if any(getattr(h, "_clusterfit", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(_RankFilter())
+    handler._clusterfit = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def progress(items: Iterable[T], total: int, desc: str, interval_s: float = 30.0, unit: str = "it") -> Iterator[T]:
+    """Iterate with progress on rank 0 only: a tqdm bar on a terminal, else plain lines with rate and ETA."""
+    if not ranks_from_env_safe().is_main:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        return
+    log = logging.getLogger("clusterfit.progress")
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= interval_s or done == total:
+            rate = done / max(now - start, 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("inf")
+            log.info("%s: %d/%d %s (%.1f%%), %.2f %s/s, ETA %s", desc, done, total, unit, 100.0 * done / max(total, 1), rate, unit, _fmt_s(eta))
+            last = now
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
