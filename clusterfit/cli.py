@@ -46,16 +46,14 @@ KUBE_COMMANDS = {
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: print the message, no traceback."""
     from clusterfit.artifacts import ArtifactError
+    from clusterfit.features import InputError
     from clusterfit.runtime import DistributedEnvError
     from clusterfit.storage import StorageError
 
-    errors: list[type[BaseException]] = [ConfigError, ArtifactError, StorageError, DistributedEnvError]
-    for module, name in (("clusterfit.data", "DatasetError"), ("clusterfit.weights", "WeightsError"), ("clusterfit.inputs", "InputError")):
-        if module in sys.modules or module != "clusterfit.inputs":
-            try:
-                errors.append(getattr(importlib.import_module(module), name))
-            except (ImportError, AttributeError):
-                pass
+    errors: list[type[BaseException]] = [ConfigError, ArtifactError, StorageError, DistributedEnvError, InputError]
+    for module in ("clusterfit.data", "clusterfit.weights", "clusterfit.labels"):
+        if module in sys.modules:  # only modules already loaded can have raised (and torch may be absent)
+            errors += [v for v in vars(sys.modules[module]).values() if isinstance(v, type) and issubclass(v, ValueError)]
     return tuple(errors)
 
 
@@ -93,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return dispatch(ns)
-    except user_errors() as exc:
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
         print(f"clusterfit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -179,6 +179,9 @@ class ClusterFitConfig(Section):
         "auto", description="faiss algorithm: plain Lloyd (faiss.Kmeans), SuperKMeans, or chosen by shape."
     )
     ASSIGN_BATCH_SIZE: int = Field(65536, ge=1, description="Features assigned per search call while streaming the parts.")
+    CACHE_FEATURES_MB: int = Field(
+        4096, ge=0, description="Keep features in memory between sampling and assignment when they fit in this many MB; else stream twice."
+    )
     RANK_WAIT_TIMEOUT_S: float = Field(3600.0, gt=0, description="How long ranks wait for each other's partial results.")
 
 

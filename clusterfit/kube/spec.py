@@ -1,17 +1,116 @@
-"""The KUBERNETES section of the experiment config: how each step runs as a PyTorchJob."""
+"""The KUBERNETES section of the experiment config: how each step runs as a PyTorchJob.
+
+    clusterfit render config=kubernetes-example config.KUBERNETES.RESOURCES.TRAIN.GPUS=8
+
+Upper-case keys like the rest of the config. Two kinds of values go into the pod spec verbatim and
+so keep Kubernetes' own (lower-case) field names: TOLERATIONS entries and AFFINITY. The number of
+Worker replicas is not a key: it is DISTRIBUTED.NUM_NODES - 1 (see `num_workers`).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clusterfit.kube.controller_config import ControllerConfig
 
+# A Kubernetes resource quantity (a subset of the API's grammar: no exponents).
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by the operator or torchrun (a step must never set its own rank), or secrets (by reference only).
+RESERVED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"}
+CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
-class KubernetesConfig(BaseModel):
+
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+
+class StepResources(_Section):
+    CPU: str = Field("2", pattern=QUANTITY, description="CPU request per pod (Kubernetes quantity, e.g. '8' or '500m').")
+    MEMORY: str = Field("8Gi", pattern=QUANTITY, description="Memory request and limit per pod (e.g. '32Gi').")
+    GPUS: int = Field(0, ge=0, description="nvidia.com/gpu per pod; torch steps need at least DISTRIBUTED.NUM_PROC_PER_NODE when > 0.")
+
+
+class ResourcesConfig(_Section):
+    PRETRAIN: StepResources = Field(default_factory=StepResources, description="Each pod of the pretrain step.")
+    EXTRACT: StepResources = Field(default_factory=StepResources, description="Each pod of the extract step.")
+    CLUSTER: StepResources = Field(default_factory=StepResources, description="Each pod of the cluster step (faiss uses every GPU it is given).")
+    TRAIN: StepResources = Field(default_factory=StepResources, description="Each pod of the train step.")
+    EVALUATE: StepResources = Field(default_factory=StepResources, description="Each pod of the evaluate step.")
+
+
+class Toleration(_Section):
+    """One pod toleration, with Kubernetes' field names (it is copied into the pod spec as is)."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; empty: all.")
+    tolerationSeconds: int | None = Field(None, description="NoExecute only: how long the pod stays bound after the taint appears.")
+
+
+class Affinity(_Section):
+    """Pod affinity, with Kubernetes' field names; each part is passed through to the pod spec."""
+
+    nodeAffinity: dict[str, Any] | None = Field(None, description="Kubernetes NodeAffinity.")
+    podAffinity: dict[str, Any] | None = Field(None, description="Kubernetes PodAffinity.")
+    podAntiAffinity: dict[str, Any] | None = Field(None, description="Kubernetes PodAntiAffinity.")
+
+
+class KubernetesConfig(_Section):
     NAMESPACE: str = Field("default", description="Namespace the step jobs run in.")
-    IMAGE: str = Field("ghcr.io/clusterfit/clusterfit:0.1.0", description="Step image with torch (pretrain, extract, train, evaluate).")
-    CLUSTER_IMAGE: str = Field("ghcr.io/clusterfit/clusterfit-cluster:0.1.0", description="Step image for cluster (no torch).")
-    S3_SECRET_NAME: str = Field("", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, passed by reference only.")
+    IMAGE: str = Field("clusterfit/clusterfit:0.1.0", description="Step image with torch (pretrain, extract, train, evaluate; cluster with CLUSTER_BACKEND torch).")
+    CLUSTER_IMAGE: str = Field("clusterfit/clusterfit-cluster:0.1.0", description="Step image for cluster with the faiss backend (no torch).")
+    IMAGE_PULL_POLICY: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the step images.")
+    IMAGE_PULL_SECRETS: list[str] = Field(default_factory=list, description="Names of docker-registry Secrets for pulling the step images.")
+    S3_SECRET_NAME: str = Field(
+        "",
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), passed by reference only; "
+        "empty: no credentials in the pod (workload identity).",
+    )
+    SERVICE_ACCOUNT: str = Field("", description="ServiceAccount of the step pods; empty: the namespace's default.")
+    RESOURCES: ResourcesConfig = Field(default_factory=ResourcesConfig, description="CPU, memory and GPUs per pod, per step.")
+    SHM_SIZE: str = Field("2Gi", pattern=QUANTITY, description="Size of the memory-backed /dev/shm (DataLoader workers and NCCL need more than the default 64M).")
+    NODE_SELECTOR: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the step pods (e.g. a GPU node pool label).")
+    TOLERATIONS: list[Toleration] = Field(default_factory=list, description="Tolerations of the step pods (e.g. nvidia.com/gpu NoSchedule).")
+    AFFINITY: Affinity = Field(default_factory=Affinity, description="Affinity of the step pods.")
+    PRIORITY_CLASS_NAME: str = Field("", description="priorityClassName of the step pods; empty: the cluster default.")
+    SCHEDULER_NAME: str = Field("", description="schedulerName of the step pods (e.g. volcano for gang scheduling); empty: the default scheduler.")
+    QUEUE_NAME: str = Field("", description="Queue for gang scheduling, set as the QUEUE_LABEL label on each job; empty: none.")
+    QUEUE_LABEL: str = Field("kueue.x-k8s.io/queue-name", description="Label key that names the queue (Kueue's by default).")
+    BACKOFF_LIMIT: int = Field(3, ge=0, description="runPolicy.backoffLimit: pod restarts before the step's job fails.")
+    ACTIVE_DEADLINE_SECONDS: int = Field(
+        7 * 24 * 3600, ge=1, description="runPolicy.activeDeadlineSeconds: a step's job running longer than this fails (ends crash loops too)."
+    )
+    TTL_SECONDS_AFTER_FINISHED: int | None = Field(
+        None,
+        ge=0,
+        description="runPolicy.ttlSecondsAfterFinished; empty: finished jobs stay (the controller treats a job that vanishes as lost).",
+    )
+    RESTART_POLICY: Literal["OnFailure", "Never", "ExitCode", "Always"] = Field(
+        "OnFailure", description="Replica restartPolicy; ExitCode restarts only on exit codes 128-255 (signals), failing at once on errors."
+    )
+    CLEAN_POD_POLICY: Literal["Running", "All", "None"] = Field(
+        "Running", description="runPolicy.cleanPodPolicy: which pods are deleted when a job finishes (Running keeps failed pods' logs)."
+    )
+    ENV: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment on every step container (e.g. NCCL_DEBUG: INFO, NCCL_SOCKET_IFNAME: eth0). "
+        "Not for credentials, ranks or rendezvous variables.",
+    )
     CONTROLLER: ControllerConfig = Field(default_factory=ControllerConfig, description="How the controller follows the step jobs.")
+
+    @field_validator("ENV")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in CREDENTIAL_ENV:
+                raise ValueError(f"{name} is a credential: put it in the Secret named by KUBERNETES.S3_SECRET_NAME")
+            if name in RESERVED_ENV or name.startswith("PET_"):
+                raise ValueError(f"{name} is set by the training operator or torchrun, never by the config")
+        return env

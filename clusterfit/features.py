@@ -1,0 +1,97 @@
+"""Reading a published feature folder: its part files for one layer, verified, in part order."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clusterfit import artifacts
+from clusterfit.storage import Store
+
+log = logging.getLogger(__name__)
+_PART = re.compile(r"^(?P<layer>[^/]+)/part-(?P<rank>\d+)-(?P<chunk>\d+)\.npy$")
+
+
+class InputError(ValueError):
+    """Input data that a step cannot use (NaN features, K larger than the data, mismatched files)."""
+
+
+@dataclass
+class FeatureParts:
+    store: Store
+    folder: str
+    layer: str
+    manifest: dict[str, Any]
+    names: list[str]
+    rows: list[int]
+    cache_limit_bytes: int = 4096 * 1024 * 1024
+    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, store: Store, folder: str, layer: str, cache_mb: int = 4096) -> FeatureParts:
+        manifest = artifacts.read_manifest(store, folder)
+        found = sorted(
+            (int(m["chunk"]), name) for name in manifest["files"] if (m := _PART.match(name)) and m["layer"] == layer
+        )
+        if not found:
+            layers = sorted({m["layer"] for n in manifest["files"] if (m := _PART.match(n))})
+            raise InputError(f"{store.uri(folder)}: no features of layer {layer!r} (it has {layers})")
+        names = [name for _, name in found]
+        rows = [int(manifest["files"][name]["shape"][0]) for name in names]
+        return cls(store, folder, layer, manifest, names, rows, cache_mb * 1024 * 1024)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.manifest.get("num_images", self.num_rows))
+
+    @property
+    def digest(self) -> str:
+        return str(self.manifest["_digest"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(self.manifest["files"][n]["size"]) for n in self.names)
+
+    def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest."""
+        if name in self._cache:
+            return self._cache[name]
+        feats = artifacts.load_array(self.store, self.folder, name, self.manifest)
+        index = artifacts.load_array(self.store, self.folder, name[: -len(".npy")] + "-index.npy", self.manifest)
+        uri = self.store.uri(f"{self.folder}/{name}")
+        if feats.ndim != 2 or len(index) != len(feats):
+            raise InputError(f"{uri}: expected an (n, D) array with n indices, got {feats.shape} and {index.shape}")
+        if not np.isfinite(feats).all():
+            bad = int((~np.isfinite(feats)).any(axis=1).sum())
+            raise InputError(f"{uri}: {bad} feature rows contain NaN or inf")
+        feats = feats.astype(np.float32, copy=False)
+        if self.nbytes <= self.cache_limit_bytes:
+            self._cache[name] = (index, feats)
+        return index, feats
+
+    def iter_parts(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for name in self.names:
+            yield self.load(name)
+
+    def gather(self, rows: np.ndarray | None) -> np.ndarray:
+        """Features at global row positions (sorted; in part order), or all of them when rows is None."""
+        out = []
+        start = 0
+        for name, count in zip(self.names, self.rows, strict=True):
+            if rows is None:
+                out.append(self.load(name)[1])
+            else:
+                lo, hi = np.searchsorted(rows, [start, start + count])
+                if hi > lo:
+                    out.append(self.load(name)[1][rows[lo:hi] - start])
+            start += count
+        return np.concatenate(out)

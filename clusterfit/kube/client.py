@@ -1,0 +1,323 @@
+"""A thin wrapper over the official kubernetes client: the calls the controller makes, nothing more.
+
+    kube = Kube(load_api_client(kubeconfig=None, context=None, in_cluster=False), "default", settings)
+    job = kube.get_job("exp-extract")            # dict, or None when absent
+    for kind, obj in kube.watch_job("exp-extract", resource_version): ...
+
+Every call needs only the controller's Role (k8s/controller-rbac.yaml): pytorchjobs get, list,
+watch, create, delete, patch; pods get, list, watch; pods/log get; events get, list, watch;
+configmaps get. 429 and 5xx answers and dropped connections are retried with a doubling wait,
+bounded by ControllerConfig; every other refusal becomes a KubeError whose message is the API
+server's own, and a 403 names the verb and the resource that the Role would have to grant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from clusterfit.kube.controller_config import ControllerConfig
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator labels each pod with its job
+RETRYABLE = {429, 500, 502, 503, 504}
+T = TypeVar("T")
+
+
+class KubeError(RuntimeError):
+    """The API server refused or failed a call; the message says what and why."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Forbidden(KubeError):
+    """403: the credentials lack a permission; the message names the verb and the resource."""
+
+
+class Conflict(KubeError):
+    """409: the object already exists (or changed under us)."""
+
+
+class Gone(KubeError):
+    """410: the watch's resourceVersion is too old; list again."""
+
+
+class Unreachable(KubeError):
+    """The connection failed or dropped, or the server kept answering 429/5xx."""
+
+
+def load_api_client(*, kubeconfig: str | None, context: str | None, in_cluster: bool) -> client.ApiClient:
+    """An ApiClient from the pod's service account (`in_cluster`) or from a kubeconfig file."""
+    try:
+        if in_cluster:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    except (config.ConfigException, OSError, TypeError) as exc:
+        where = "the pod's service account" if in_cluster else (kubeconfig or "$KUBECONFIG or ~/.kube/config")
+        raise KubeError(f"cannot load Kubernetes credentials from {where}: {exc}") from None
+
+
+def server_message(exc: ApiException) -> str:
+    """The `message` of the API server's Status body, else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc.reason or exc.body or f"HTTP {exc.status}")
+
+
+def translate(exc: ApiException, verb: str, resource: str, namespace: str) -> KubeError:
+    """One clear KubeError for a refused call."""
+    message, status = server_message(exc), int(exc.status or 0)
+    if status == 403:
+        return Forbidden(
+            f"forbidden: cannot {verb} {resource} in namespace {namespace!r}; the credentials in use need "
+            f"that permission (the controller's Role is k8s/controller-rbac.yaml). API server: {message}",
+            status,
+        )
+    if status == 401:
+        return KubeError(f"unauthorized: the API server rejected the credentials ({message})", status)
+    kinds: dict[int, type[KubeError]] = {409: Conflict, 410: Gone}
+    if status in RETRYABLE:
+        return Unreachable(
+            f"{verb} {resource}: the API server kept failing (HTTP {status}): {message}", status
+        )
+    return kinds.get(status, KubeError)(f"{verb} {resource}: {message}", status)
+
+
+class Backoff:
+    """Doubling waits from BACKOFF_INITIAL_S up to BACKOFF_MAX_S; gives up after RETRY_TIMEOUT_S of failures in a row."""
+
+    def __init__(self, settings: ControllerConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.sleep = sleep
+        self.first_failure: float | None = None
+        self.delay_s = settings.BACKOFF_INITIAL_S
+
+    def reset(self) -> None:
+        self.first_failure = None
+        self.delay_s = self.settings.BACKOFF_INITIAL_S
+
+    def wait(self, error: KubeError, retry_after_s: float | None = None) -> None:
+        """Sleep before the next try, or raise `error` when failures have lasted too long."""
+        now = time.monotonic()
+        self.first_failure = self.first_failure or now
+        if now - self.first_failure >= self.settings.RETRY_TIMEOUT_S:
+            raise error
+        delay = min(retry_after_s or self.delay_s, self.settings.BACKOFF_MAX_S)
+        log.warning("%s; retrying in %.1fs", error, delay)
+        self.sleep(delay)
+        self.delay_s = min(self.delay_s * 2, self.settings.BACKOFF_MAX_S)
+
+
+def _retry_after_s(exc: ApiException) -> float | None:
+    try:
+        return float((exc.headers or {}).get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+
+
+class Kube:
+    """The controller's API calls in one namespace; objects come back as plain dicts (camelCase keys)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, settings: ControllerConfig) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.settings = settings
+        self.jobs = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    def call(self, verb: str, resource: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` with the request timeout, retrying 429/5xx and dropped connections."""
+        backoff = Backoff(self.settings)
+        while True:
+            try:
+                return fn(*args, _request_timeout=self.settings.REQUEST_TIMEOUT_S, **kwargs)
+            except ApiException as exc:
+                error = translate(exc, verb, resource, self.namespace)
+                if not isinstance(error, Unreachable):
+                    raise error from None
+                backoff.wait(error, _retry_after_s(exc))
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                backoff.wait(
+                    Unreachable(
+                        f"{verb} {resource}: cannot reach the API server at {self.api.configuration.host}: {exc}"
+                    )
+                )
+
+    def job_call(self, verb: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A CustomObjectsApi call on kubeflow.org/v1 pytorchjobs in the namespace."""
+        return self.call(verb, "pytorchjobs", method, GROUP, VERSION, self.namespace, PLURAL, *args, **kwargs)
+
+    def plain(self, obj: Any) -> dict[str, Any]:
+        """A client model (or dict) as the JSON dict the API server sent."""
+        return dict(self.api.sanitize_for_serialization(obj))
+
+    # ---- PyTorchJobs -------------------------------------------------------------------------
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        try:
+            job = self.job_call("get", self.jobs.get_namespaced_custom_object, name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(job)
+
+    def list_jobs(
+        self, name: str | None = None, label_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The jobs (one, by `name`, or all matching `label_selector`) and the list's resourceVersion."""
+        selector = {"field_selector": f"metadata.name={name}"} if name else {}
+        if label_selector:
+            selector["label_selector"] = label_selector
+        listing = self.job_call("list", self.jobs.list_namespaced_custom_object, **selector)
+        return list(listing.get("items") or []), str(listing["metadata"]["resourceVersion"])
+
+    def create_job(self, job: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        # A dry run also refuses unknown fields, so it catches what a real create would silently drop.
+        extra = {"dry_run": "All", "field_validation": "Strict"} if dry_run else {}
+        created = self.job_call("create", self.jobs.create_namespaced_custom_object, job, **extra)
+        return dict(created)
+
+    def delete_job(self, name: str) -> bool:
+        """Delete the job and, through the operator, its pods; False when it was already gone."""
+        body = client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            self.job_call("delete", self.jobs.delete_namespaced_custom_object, name, body=body)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_job(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (the client sends dict bodies to custom objects as merge patches)."""
+        patched = self.job_call("patch", self.jobs.patch_namespaced_custom_object, name, patch)
+        return dict(patched)
+
+    def watch_job(self, name: str, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event type, object) for one job from `resource_version` until the server ends the watch.
+
+        Raises Gone (list again), Unreachable (connection dropped or 429/5xx: back off, list again),
+        Forbidden, or KubeError.
+        """
+        watcher = watch.Watch()
+        timeout_s = self.settings.WATCH_TIMEOUT_S
+        try:
+            for event in watcher.stream(
+                self.jobs.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
+                field_selector=f"metadata.name={name}", resource_version=resource_version,
+                timeout_seconds=timeout_s, allow_watch_bookmarks=True,
+                _request_timeout=(self.settings.REQUEST_TIMEOUT_S, timeout_s + self.settings.REQUEST_TIMEOUT_S),
+            ):  # fmt: skip
+                yield str(event["type"]), dict(event["raw_object"])
+        except ApiException as exc:
+            error = translate(exc, "watch", "pytorchjobs", self.namespace)
+            raise (Unreachable(str(error), error.status) if exc.status == 0 else error) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Unreachable(
+                f"watch pytorchjobs: the connection to {self.api.configuration.host} dropped: {exc}"
+            ) from None
+        finally:
+            watcher.stop()
+
+    # ---- ConfigMaps, pods, events, logs -------------------------------------------------------
+
+    def get_config_map(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(
+                self.call("get", "configmaps", self.core.read_namespaced_config_map, name, self.namespace)
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_config_map(self, config_map: dict[str, Any]) -> dict[str, Any]:
+        """Not in the controller's Role: only `clusterfit submit` without --owner-configmap calls it."""
+        return self.plain(
+            self.call(
+                "create", "configmaps", self.core.create_namespaced_config_map, self.namespace, config_map
+            )
+        )
+
+    def replace_config_map(self, config_map: dict[str, Any]) -> dict[str, Any]:
+        name = config_map["metadata"]["name"]
+        return self.plain(
+            self.call(
+                "update",
+                "configmaps",
+                self.core.replace_namespaced_config_map,
+                name,
+                self.namespace,
+                config_map,
+            )
+        )
+
+    def get_pod(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(self.call("get", "pods", self.core.read_namespaced_pod, name, self.namespace))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_pods(self, job_name: str) -> list[dict[str, Any]]:
+        pods = self.call(
+            "list",
+            "pods",
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{JOB_LABEL}={job_name}",
+        )
+        return [self.plain(pod) for pod in pods.items]
+
+    def list_events(self, object_name: str) -> list[dict[str, Any]]:
+        """Core events about one object (a job or a pod), oldest first."""
+        events = self.call(
+            "list",
+            "events",
+            self.core.list_namespaced_event,
+            self.namespace,
+            field_selector=f"involvedObject.name={object_name}",
+        )
+        return [self.plain(event) for event in events.items]
+
+    def read_log(self, pod: str, container: str, tail_lines: int | None = None) -> str:
+        extra = {"tail_lines": tail_lines} if tail_lines else {}
+        return str(
+            self.call(
+                "get",
+                "pods/log",
+                self.core.read_namespaced_pod_log,
+                pod,
+                self.namespace,
+                container=container,
+                **extra,
+            )
+        )
+
+    def stream_log(self, pod: str, container: str) -> Iterator[str]:
+        """The container's log, line by line, following it until the container ends."""
+        watcher = watch.Watch()
+        try:
+            yield from watcher.stream(
+                self.core.read_namespaced_pod_log, pod, self.namespace, container=container, follow=True
+            )
+        except ApiException as exc:
+            raise translate(exc, "get", "pods/log", self.namespace) from None
+        finally:
+            watcher.stop()

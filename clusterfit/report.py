@@ -1,0 +1,182 @@
+"""The run report: what people would rather see than read.
+
+Cluster-size histogram, example images per cluster (nearest to the centroid first), training
+curves, and the evaluation table with a plain verdict per metric. Written next to
+`eval/metrics.json` as `report.md`, `report.html` and PNGs, through the artifact ledger.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from clusterfit import artifacts
+from clusterfit.config import Config
+from clusterfit.data import build_source
+from clusterfit.layout import PRETRAIN, TRAIN, cluster_folder
+from clusterfit.storage import NotFound, Store
+
+EXAMPLE_CLUSTERS = 12
+EXAMPLES_PER_CLUSTER = 10
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cluster_sizes_png(stats: dict[str, Any]) -> bytes:
+    plt = _pyplot()
+    sizes = np.array(stats["sizes"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(sizes, bins=min(50, max(10, len(sizes) // 4)), color="#4477aa")
+    ax.set_xlabel("images per cluster")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"K={stats['num_clusters']}: sizes {stats['smallest']}..{stats['largest']}, {stats['empty_clusters']} empty")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def cluster_examples_png(cfg: Config, labels: np.ndarray, distances: np.ndarray) -> bytes:
+    """Rows: the largest clusters; columns: their images nearest to the centroid."""
+    plt = _pyplot()
+    source = build_source(cfg, "TRAIN")
+    sizes = np.bincount(labels[labels >= 0], minlength=cfg.CLUSTERFIT.NUM_CLUSTERS)
+    clusters = np.argsort(-sizes)[:EXAMPLE_CLUSTERS]
+    fig, axes = plt.subplots(len(clusters), EXAMPLES_PER_CLUSTER, figsize=(EXAMPLES_PER_CLUSTER * 0.8, len(clusters) * 0.85))
+    axes = np.atleast_2d(axes)
+    for row, cluster in enumerate(clusters):
+        members = np.flatnonzero(labels == cluster)
+        members = members[np.argsort(distances[members])][:EXAMPLES_PER_CLUSTER]
+        for col in range(EXAMPLES_PER_CLUSTER):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(members):
+                ax.imshow(source.load(int(members[col])))
+        axes[row, 0].set_title(f"#{cluster} ({sizes[cluster]})", fontsize=6, loc="left")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def curves_png(histories: dict[str, list[dict[str, Any]]]) -> bytes:
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, rows in histories.items():
+        epochs = [r["epoch"] for r in rows]
+        loss_ax.plot(epochs, [r["loss"] for r in rows], marker=".", label=name)
+        acc_ax.plot(epochs, [r["top1"] for r in rows], marker=".", label=name)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 on its own targets (%)", title="training accuracy")
+    loss_ax.legend()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for name, folder in (("RotNet pretrain", PRETRAIN), ("ClusterFit train", TRAIN)):
+        try:
+            out[name] = [json.loads(line) for line in store.get_bytes(f"{folder}/metrics.jsonl").decode().splitlines() if line]
+        except NotFound:
+            continue
+    return out
+
+
+def table_md(metrics: dict[str, Any]) -> list[str]:
+    lines = ["| model | layer | dim | kNN top-1 (%) | linear top-1 (%) |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['layer']} | {r['dim']} | {r['knn_top1']:.2f} | {r['linear_top1']:.2f} |" for r in metrics["rows"]]
+    return lines
+
+
+def verdict_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in metrics["comparison"]:
+        name = "kNN top-1" if c["metric"] == "knn_top1" else "linear top-1"
+        lines.append(
+            f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} {c['reference_value']:.2f}% "
+            f"({c['delta']:+.2f} points; noise band ±{c['noise_2se']:.2f}): **{c['verdict']}**"
+        )
+    return lines
+
+
+def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]) -> str:
+    parts = [f"# ClusterFit report: {cfg.EXPERIMENT.NAME}", "",
+             f"Starting weights: `{metrics['start_weights']}`; K={cfg.CLUSTERFIT.NUM_CLUSTERS} clusters of `{cfg.CLUSTERFIT.FEATURES.LAYER_NAME}`; "
+             f"{metrics['n_train']} training and {metrics['n_test']} test images.", "",
+             "## Did ClusterFit beat the features it started from?", "", *verdict_lines(metrics), "",
+             "A difference counts only beyond twice its binomial standard error on the test set; inside that band it is within seed noise.", "",
+             "## Evaluation", "", *table_md(metrics), ""]  # fmt: skip
+    for split, values in metrics["clusters"].items():
+        parts.append(f"Cluster labels vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}")
+    parts.append("")
+    for title, name in images:
+        parts += [f"## {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(parts)
+
+
+def to_html(text: str) -> str:
+    """The Markdown above as minimal HTML (headings, lists, tables, images), no extra dependency."""
+    out, in_table, in_list = ["<!doctype html><meta charset='utf-8'><title>ClusterFit report</title>",
+                              "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style>"], False, False  # fmt: skip
+    for line in text.splitlines():
+        if line.startswith("| ---"):
+            continue
+        if in_table and not line.startswith("|"):
+            out.append("</table>")
+            in_table = False
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("|"):
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
+        elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append("<li>" + html.escape(line[2:]).replace("**", "") + "</li>")
+        elif line.startswith("!["):
+            out.append(f"<img src='{html.escape(line[line.index('(') + 1 : -1])}' style='max-width:100%'>")
+        elif line:
+            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    return "\n".join(out + (["</table>"] if in_table else []) + (["</ul>"] if in_list else []))
+
+
+def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str, Any], _test_set: Any = None) -> None:
+    folder = cluster_folder(cfg)
+    manifest = artifacts.read_manifest(store, folder)
+    stats = artifacts.load_json(store, folder, "stats.json", manifest)
+    labels = artifacts.load_array(store, folder, "labels.npy", manifest)
+    distances = artifacts.load_array(store, folder, "distances.npy", manifest)
+    images = [("Cluster sizes", "cluster_sizes.png"), ("Example images per cluster (nearest to the centroid first)", "cluster_examples.png")]
+    ledger.put_bytes("cluster_sizes.png", cluster_sizes_png(stats))
+    ledger.put_bytes("cluster_examples.png", cluster_examples_png(cfg, labels, distances))
+    curves = histories(store)
+    if curves:
+        ledger.put_bytes("training_curves.png", curves_png(curves))
+        images.append(("Training curves", "training_curves.png"))
+    text = markdown(cfg, metrics, images)
+    ledger.put_bytes("report.md", text.encode())
+    ledger.put_bytes("report.html", to_html(text).encode())

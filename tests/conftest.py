@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny experiment config, the CLI as a subprocess, a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clusterfit.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.s3server"]
+
+
+def tiny_overrides(root: Path | str, **extra: Any) -> list[str]:
+    """config.X=v arguments for a fast digits experiment rooted at `root`."""
+    args = [
+        "config=quickstart",
+        f"config.EXPERIMENT.ROOT={root if str(root).startswith(('s3://', 'file://')) else Path(root).as_uri()}",
+        "config.PRETRAIN.OPTIMIZER.NUM_EPOCHS=1",
+        "config.OPTIMIZER.NUM_EPOCHS=2",
+        "config.EVALUATE.LINEAR_EPOCHS=3",
+        "config.CLUSTERFIT.NUM_CLUSTERS=20",
+        "config.CLUSTERFIT.N_ITER=10",
+        "config.EXTRACT.CHUNK_SIZE=256",
+        "config.LOG.PROGRESS_INTERVAL_S=1",
+    ]
+    return args + [f"config.{k}={v}" for k, v in extra.items()]
+
+
+def tiny_config(root: Path | str, **extra: Any) -> Config:
+    return load_config(tiny_overrides(root, **extra))
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m clusterfit ARGS` in a subprocess (what a user runs), output captured."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        full_env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "clusterfit", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def tmp_root(tmp_path: Path) -> Path:
+    root = tmp_path / "exp"
+    root.mkdir()
+    return root
