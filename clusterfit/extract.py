@@ -96,14 +96,14 @@ def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[s
 
 
 def starting_model(cfg: Config, start: StartWeights) -> Network:
+    torch.manual_seed(cfg.EXPERIMENT.SEED)
     model = build_network(cfg.MODEL.TRUNK)
     if start.random:
         log.warning(
             "no MODEL.WEIGHTS_INIT.PARAMS_FILE and no pretrain step: extracting features of a RANDOMLY INITIALISED %s",
             cfg.MODEL.TRUNK.NAME,
         )
-        torch.manual_seed(cfg.EXPERIMENT.SEED)
-        return build_network(cfg.MODEL.TRUNK)
+        return model
     assert start.options is not None
     load_weights(model, start.options.model_copy(update={"PARAMS_FILE": start.uri}), cfg.STORAGE, require_trunk=True)
     return model
