@@ -57,7 +57,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Config, list[str]]:
     """Flags, the config (namespace override applied) and the bare words among the arguments."""
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)
     words = [a for a in ns.args if "=" not in a]
     cfg = load_config([a for a in ns.args if "=" in a])
     if ns.namespace:

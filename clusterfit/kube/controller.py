@@ -20,14 +20,12 @@ from typing import Any
 from clusterfit.artifacts import MANIFEST
 from clusterfit.config import Config
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
-from clusterfit.kube.manifests import build_step_job
+from clusterfit.kube.manifests import CONTAINER, HASH_ANNOTATION, build_step_job
 from clusterfit.layout import step_folders
 from clusterfit.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
-SPEC_HASH_ANNOTATION = "clusterfit.io/spec-hash"
-CONTAINER = "pytorch"
 FINISHED = ("Succeeded", "Failed")
 PROGRESS = ("Suspended", "Restarting", "Running", "Created")
 
@@ -68,7 +66,7 @@ def condition_text(job: dict[str, Any] | None, kind: str) -> str:
 
 
 def spec_hash_of(job: dict[str, Any] | None) -> str:
-    return str((((job or {}).get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""))
+    return str((((job or {}).get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION, ""))
 
 
 def plan(existing: dict[str, Any] | None, desired: dict[str, Any]) -> str:
