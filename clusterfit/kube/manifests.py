@@ -28,6 +28,8 @@ PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's defaults; MASTER_PO
 CONFIG_DIR = "/etc/clusterfit"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 HASH_ANNOTATION = "clusterfit.io/spec-hash"
+# The config lives in the ConfigMap, not the job: its digest on the job makes a changed config a changed job.
+CONFIG_HASH_ANNOTATION = "clusterfit.io/config-hash"
 MAX_JOB_NAME = 50  # pods are <job>-worker-<i> and services share the name: keep room under 63
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 REPLICA_TYPES = ("Master", "Worker")
@@ -207,7 +209,13 @@ def build_step_job(cfg: Config, step: str, *, config_map_name: str, owner: dict[
     replicas = {"Master": {"replicas": 1, "restartPolicy": kube.RESTART_POLICY, "template": template}}
     if num_workers(cfg) > 0:
         replicas["Worker"] = {"replicas": num_workers(cfg), "restartPolicy": kube.RESTART_POLICY, "template": copy.deepcopy(template)}
-    metadata: dict[str, Any] = {"name": name, "namespace": kube.NAMESPACE, "labels": labels(cfg, step), "annotations": {}}
+    config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": kube.NAMESPACE,
+        "labels": labels(cfg, step),
+        "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+    }
     if kube.QUEUE_NAME:
         metadata["labels"][kube.QUEUE_LABEL] = kube.QUEUE_NAME
     if owner is not None:
