@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from clusterfit import __version__
 from clusterfit.config import STEPS, Config, ConfigError, load_config, to_yaml
-from clusterfit.runtime import setup_logging
+from clusterfit.runtime import Interrupted, setup_logging
 
 log = logging.getLogger("clusterfit")
 
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return dispatch(ns)
+    except Interrupted as exc:
+        print(f"clusterfit: {exc}", file=sys.stderr)
+        return 143
     except Exception as exc:
         if not isinstance(exc, user_errors()):
             raise

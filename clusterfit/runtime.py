@@ -19,6 +19,10 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 T = TypeVar("T")
 
 
+class Interrupted(Exception):
+    """A step stopped on request (SIGTERM) after saving its state; rerunning resumes it."""
+
+
 class DistributedEnvError(RuntimeError):
     """The env:// variables are half set."""
 

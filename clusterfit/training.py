@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from clusterfit.config import Config, OptimizerConfig
-from clusterfit.runtime import progress
+from clusterfit.runtime import Interrupted, progress
 from clusterfit.storage import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class StopRequested(Exception):
+class StopRequested(Interrupted):
     """SIGTERM arrived; a checkpoint was written."""
 
 

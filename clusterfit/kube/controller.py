@@ -220,7 +220,7 @@ class Controller:
 
     def watch(self, job: dict[str, Any], resource_version: str, deadline: float) -> dict[str, Any]:
         """Follow one watch request until the job finishes, the deadline passes or the server ends it."""
-        state = verdict(job)
+        state, started = verdict(job), time.monotonic()
         with contextlib.closing(self.kube.watch_job(job["metadata"]["name"], resource_version)) as events:
             for kind, obj in events:
                 if kind == "BOOKMARK":
@@ -228,7 +228,14 @@ class Controller:
                 job = self.same_job(None if kind == "DELETED" else obj, job)
                 state = self.announce(job, state)
                 if state in FINISHED or time.monotonic() > deadline:
-                    break
+                    return job
+        elapsed_s = time.monotonic() - started
+        if elapsed_s < self.settings.WATCH_TIMEOUT_S:  # not the server's timeout: a restart or a proxy cut it
+            log.info(
+                "PyTorchJob %s: the watch ended after %.1fs; listing again",
+                job["metadata"]["name"],
+                elapsed_s,
+            )
         return job
 
     def same_job(self, job: dict[str, Any] | None, seen: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""The Helm chart's values.schema.json, generated from the pydantic config: one source of truth.
+
+    python -m clusterfit.kube.chart_schema > helm/clusterfit/values.schema.json
+
+`experiment` is the experiment config itself (Config.model_json_schema(), its $defs hoisted to the
+top so its $refs resolve); the chart's own values are declared here. Every object schema that
+lists properties rejects unknown keys, so a typo fails `helm install` instead of being ignored.
+tests/kube/test_chart.py fails when the committed file differs from what this module prints.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from clusterfit.config import Config
+
+SCHEMA_PATH = "helm/clusterfit/values.schema.json"
+
+
+def _obj(description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "description": description, "additionalProperties": False, "properties": properties}
+
+
+def _str(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+def _int(description: str, minimum: int, nullable: bool = False) -> dict[str, Any]:
+    return {"type": ["integer", "null"] if nullable else "integer", "minimum": minimum, "description": description}
+
+
+def _open_map(description: str) -> dict[str, Any]:
+    """A Kubernetes object passed through as is (resources, nodeSelector): keys are not ours to close."""
+    return {"type": "object", "description": description}
+
+
+def controller_schema() -> dict[str, Any]:
+    image = _obj(
+        "The controller image (docker/Dockerfile.controller).",
+        {
+            "repository": _str("Image repository.", minLength=1),
+            "tag": _str("Image tag; empty: the chart's appVersion."),
+            "pullPolicy": _str("Image pull policy.", enum=["Always", "IfNotPresent", "Never"]),
+        },
+    )
+    return _obj(
+        "The Job that runs `clusterfit submit --in-cluster`: it creates the step PyTorchJobs one by one.",
+        {
+            "image": image,
+            "imagePullSecrets": {"type": "array", "items": {"type": "string"}, "description": "Names of docker-registry Secrets."},
+            "resources": _open_map("Kubernetes resources of the controller container."),
+            "backoffLimit": _int("Retries of the controller pod; a rerun resumes from the step jobs that exist.", 0),
+            "activeDeadlineSeconds": _int("The whole pipeline must finish within this many seconds.", 1),
+            "ttlSecondsAfterFinished": _int("Delete the finished controller Job after this many seconds; null: keep it.", 0, nullable=True),
+            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}, "description": "nodeSelector of the controller pod."},
+            "tolerations": {"type": "array", "items": {"type": "object"}, "description": "Tolerations of the controller pod."},
+        },
+    )
+
+
+def values_schema() -> dict[str, Any]:
+    """The JSON schema of the chart's values."""
+    config = Config.model_json_schema()
+    defs = config.pop("$defs")
+    config["description"] = "The experiment config, as in configs/*.yaml (EXPERIMENT.ROOT must be s3://)."
+    properties = {
+        "experiment": config,
+        "s3": _obj(
+            "Object storage credentials, by reference only.",
+            {"secretName": _str("Required: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml).")},
+        ),
+        "controller": controller_schema(),
+        "checks": _obj(
+            "Early failures at install time.",
+            {"pytorchJobCRD": {"type": "boolean", "description": "Fail unless the kubeflow.org/v1 PyTorchJob CRD is served (off for offline rendering)."}},
+        ),
+        "tests": _obj("The `helm test` pod.", {"image": _str("Image of the test pod; empty: the controller image.")}),
+    }
+    schema = _obj("Values of the clusterfit chart: one release per experiment.", properties)
+    schema["$defs"] = defs
+    return schema
+
+
+def render_schema() -> str:
+    """The schema as the committed file holds it."""
+    return json.dumps(values_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_schema(), end="")
