@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 import urllib3
@@ -73,7 +73,7 @@ def load_api_client(*, kubeconfig: str | None, context: str | None, in_cluster: 
 def server_message(exc: ApiException) -> str:
     """The `message` of the API server's Status body, else the HTTP reason."""
     try:
-        return str(json.loads(exc.body)["message"])
+        return str(json.loads(exc.body or "")["message"])
     except (TypeError, ValueError, KeyError):
         return str(exc.reason or exc.body or f"HTTP {exc.status}")
 
@@ -157,7 +157,7 @@ class Kube:
                     )
                 )
 
-    def job_call(self, verb: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def job_call(self, verb: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A CustomObjectsApi call on kubeflow.org/v1 pytorchjobs in the namespace."""
         return self.call(verb, "pytorchjobs", method, GROUP, VERSION, self.namespace, PLURAL, *args, **kwargs)
 
@@ -208,7 +208,7 @@ class Kube:
         patched = self.job_call("patch", self.jobs.patch_namespaced_custom_object, name, patch)
         return dict(patched)
 
-    def watch_job(self, name: str, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    def watch_job(self, name: str, resource_version: str) -> Generator[tuple[str, dict[str, Any]], None, None]:
         """(event type, object) for one job from `resource_version` until the server ends the watch.
 
         Raises Gone (list again), Unreachable (connection dropped or 429/5xx: back off, list again),

@@ -1,0 +1,311 @@
+"""The controller against a real kube-apiserver: the tests play the training operator (patching each
+job's /status from a background thread) and a kubelet that serves pod logs, then check what the
+controller created, in which order, what it reported and what it saved.
+
+Oracles: the order of creation comes from etcd revisions (one etcd, so resourceVersions are one
+global sequence: a job created after its predecessor's Succeeded patch has a larger one), the
+job count per name from the operator's record of uids, the Role from k8s/controller-rbac.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from clusterfit.config import load_config
+from clusterfit.kube import commands
+from clusterfit.kube.client import GROUP, PLURAL, VERSION, Kube
+from clusterfit.kube.controller import Controller, ControllerError, plan, verdict
+from clusterfit.kube.manifests import build_config_map, job_name
+from clusterfit.storage import open_store
+from tests.infra.controlplane import ControlPlane
+from tests.kube.helpers_controller import (
+    ALL_STEPS,
+    EXPECTED_RULES,
+    Experiment,
+    FakeKubelet,
+    FakeOperator,
+    Script,
+    committed_role_rules,
+    grant_controller_role,
+    normalized_rules,
+    write_config,
+)
+from tests.s3server import S3Server
+
+ARGS = "config=/etc/clusterfit/config.yaml"
+
+
+@pytest.fixture
+def ex(control_plane: ControlPlane, namespace: str, s3_env: S3Server, s3_bucket: str, tmp_path: Path) -> Experiment:
+    """A fresh namespace and bucket; the S3 credentials are in the environment, as in a pod."""
+    return Experiment(control_plane, namespace, tmp_path, f"{s3_bucket}/runs", s3_env.endpoint_url)
+
+
+def container_args(job: dict[str, Any]) -> str:
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    return " ".join([*(container.get("command") or []), *(container.get("args") or [])])
+
+
+def read_until(process: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
+    """The process's stderr up to the line containing `text` (fails if it ends or times out first)."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in lines):
+        line = process.stderr.readline()
+        assert line and time.monotonic() < deadline, f"never saw {text!r}:\n{''.join(lines)}"
+        lines.append(line)
+    return "".join(lines)
+
+
+# ---- pure decisions, from recorded status sequences -------------------------------------------
+
+
+def job_with(*conditions: tuple[str, str]) -> dict[str, Any]:
+    return {"status": {"conditions": [{"type": t, "status": s} for t, s in conditions]}}
+
+
+def test_verdict_comes_only_from_true_finished_conditions_failed_first() -> None:
+    recorded = [
+        (None, "Pending"),
+        ({}, "Pending"),
+        (job_with(("Created", "True")), "Created"),
+        (job_with(("Created", "True"), ("Running", "True")), "Running"),
+        (job_with(("Created", "True"), ("Running", "False"), ("Restarting", "True")), "Restarting"),
+        (job_with(("Created", "True"), ("Running", "False"), ("Succeeded", "True")), "Succeeded"),
+        (job_with(("Created", "True"), ("Succeeded", "False")), "Created"),
+        (job_with(("Running", "True"), ("Failed", "True")), "Failed"),
+        (job_with(("Succeeded", "True"), ("Failed", "True")), "Failed"),  # Failed wins, whatever the order
+        (job_with(("Failed", "True"), ("Succeeded", "True")), "Failed"),
+        (job_with(("Running", "True"), ("Suspended", "True")), "Suspended"),
+    ]
+    assert [verdict(job) for job, _ in recorded] == [want for _, want in recorded]
+
+
+def test_plan_creates_adopts_or_refuses() -> None:
+    def hashed(spec_hash: str) -> dict[str, Any]:
+        return {"metadata": {"name": "fit-cluster", "annotations": {"clusterfit.io/spec-hash": spec_hash}}}
+
+    assert plan(None, hashed("abc")) == "create"
+    assert plan(hashed("abc"), hashed("abc")) == "adopt"
+    with pytest.raises(ControllerError, match="different spec.*delete it first"):
+        plan(hashed("xyz"), hashed("abc"))
+
+
+def test_dry_run_prints_the_manifests_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, "ns1", "s3://bucket/x", "http://127.0.0.1:9")
+    assert commands.cli_submit([f"config={config}", "--dry-run", "--kubeconfig", str(tmp_path / "none")]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PyTorchJob"] == [f"fit-{s}" for s in ALL_STEPS]
+
+
+# ---- against the API server ---------------------------------------------------------------------
+
+
+def test_happy_path_creates_five_steps_in_order(ex: Experiment, caplog: pytest.LogCaptureFixture) -> None:
+    config, cfg = ex.config()
+    caplog.set_level(logging.INFO)
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, kubelet=kubelet) as operator:
+        assert ex.submit(config) == 0
+
+    names = [job_name(cfg, step) for step in ALL_STEPS]
+    assert operator.names() == names  # each created once, in pipeline order
+    for previous, job in zip(names, operator.created[1:], strict=False):
+        assert int(job["metadata"]["resourceVersion"]) > operator.succeeded_rv[previous], f"{job['metadata']['name']} too early"
+    config_map = client.CoreV1Api(ex.cp.api_client()).read_namespaced_config_map("fit-config", ex.namespace)
+    for step, job in zip(ALL_STEPS, operator.created, strict=True):
+        assert f"clusterfit {step} {ARGS}" in container_args(job)
+        assert job["metadata"]["ownerReferences"][0]["uid"] == config_map.metadata.uid
+    (ex.folder / "shipped.yaml").write_text(config_map.data["config.yaml"])  # what the pods read
+    assert load_config([f"config={ex.folder / 'shipped.yaml'}"]).EXPERIMENT.root_uri == f"{ex.root}/fit"
+    store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
+    for step, name in zip(ALL_STEPS, names, strict=True):
+        assert store.get_bytes(f"logs/{step}/{name}-master-0.log") == f"{step}: starting\n{step}: done\n".encode()
+    assert "experiment fit: all steps done" in caplog.text
+
+
+def test_failed_cluster_step_stops_the_pipeline_and_says_why(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    config, cfg = ex.config()
+    log = "".join(f"iteration {i}\n" for i in range(100)) + "RuntimeError: CUDA out of memory\n"
+    failed = ("PyTorchJobFailed", "PyTorchJob fit-cluster is failed because 1 Master replica(s) failed.")
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, {"cluster": Script(fail=failed, log=log)}, kubelet) as operator:
+        assert ex.submit(config) == 1
+
+    assert operator.names() == [job_name(cfg, s) for s in ("pretrain", "extract", "cluster")]  # nothing later
+    err = capsys.readouterr().err
+    for expected in [
+        "step cluster failed: PyTorchJob fit-cluster: PyTorchJobFailed: PyTorchJob fit-cluster is failed because 1 Master",
+        "pod fit-cluster-master-0 container pytorch: terminated OOMKilled (exit code 137)",
+        "pod fit-cluster-worker-0: not scheduled: Unschedulable: 0/4 nodes are available",
+        "pod fit-cluster-worker-1 container pytorch: ImagePullBackOff",
+        "event on fit-cluster-master-0: OOMKilling: Memory cgroup out of memory",
+        "event on fit-cluster-worker-0: FailedScheduling",
+        "last 50 lines of pod fit-cluster-master-0:",
+        "    RuntimeError: CUDA out of memory",
+    ]:
+        assert expected in err
+    assert "iteration 50\n" not in err and "iteration 51\n" in err  # the tail, not the whole log
+    store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
+    assert store.get_bytes("logs/cluster/fit-cluster-master-0.log").decode() == log
+
+
+def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Experiment) -> None:
+    config, cfg = ex.config()
+    hold = threading.Event()
+    scripts = {"cluster": Script(hold=hold)}
+    command = [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    with FakeOperator(ex, cfg, scripts) as operator:
+        first = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        assert scripts["cluster"].running.wait(timeout=60), "the cluster step never started"
+        first.send_signal(signal.SIGKILL)  # mid-pipeline, while it follows the Running cluster job
+        first.wait(timeout=10)
+        second = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        err = read_until(second, "adopted the existing PyTorchJob fit-cluster")  # before the step ends
+        hold.set()
+        err += second.communicate(timeout=60)[1]
+
+    assert first.returncode == -signal.SIGKILL
+    assert second.returncode == 0, err
+    assert operator.names() == [job_name(cfg, step) for step in ALL_STEPS]  # no duplicate: one uid per name
+    assert "step pretrain: already done" in err and "step extract: already done" in err
+    assert len(ex.jobs()) == 5
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["sigterm", "sigkill"])
+def test_watch_cut_by_an_apiserver_restart_still_reaches_the_verdict(
+    ex: Experiment, graceful: bool, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, cfg = ex.config(steps=["extract", "cluster"])
+    hold = threading.Event()
+    scripts = {"extract": Script(hold=hold), "cluster": Script(fail=("PyTorchJobFailed", "after the restart"))}
+    caplog.set_level(logging.INFO)
+    with FakeOperator(ex, cfg, scripts) as operator:
+        thread, result = ex.submit_in_background(config)
+        assert scripts["extract"].running.wait(timeout=30)
+        time.sleep(0.5)  # the controller now watches the Running job
+        ex.cp.restart_apiserver(graceful=graceful)
+        hold.set()  # Succeeded is patched after the restart: only a new watch or list can see it
+        thread.join(timeout=60)
+
+    assert result == [1]  # the cluster step's Failed verdict, reached after the cut
+    assert operator.names() == ["fit-extract", "fit-cluster"]
+    assert "PyTorchJob fit-extract: Succeeded" in caplog.text
+    assert "step cluster failed: PyTorchJob fit-cluster: PyTorchJobFailed: after the restart" in capsys.readouterr().err
+    cut = "PyTorchJob fit-extract: the watch ended after" if graceful else "watch pytorchjobs: the connection to"
+    assert cut in caplog.text  # the cut was seen, and survived
+
+
+def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(ex: Experiment, caplog: pytest.LogCaptureFixture) -> None:
+    class StaleFirstWatch(Kube):  # as after a long disconnect: the server answers 410 Gone
+        stale = True
+
+        def watch_job(self, name: str, resource_version: str) -> Any:
+            resource_version, StaleFirstWatch.stale = ("1" if self.stale else resource_version), False
+            return super().watch_job(name, resource_version)
+
+    _, cfg = ex.config(steps=["extract"])
+    caplog.set_level(logging.INFO)
+    kube = StaleFirstWatch(ex.cp.api_client(), ex.namespace, cfg.KUBERNETES.CONTROLLER)
+    with FakeOperator(ex, cfg, {"extract": Script(hold=(hold := threading.Event()))}):
+        thread = threading.Thread(target=Controller(cfg, kube, open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE), config_map_name="c", owner=None).run, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        hold.set()
+        thread.join(timeout=30)
+    assert "PyTorchJob fit-extract: watch expired (410 Gone); listing again" in caplog.text
+    assert "step extract: Succeeded" in caplog.text
+
+
+def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    assert normalized_rules(committed_role_rules()) == EXPECTED_RULES
+    grant_controller_role(ex.cp, ex.namespace)
+    as_controller = ex.cp.kubeconfig_for(ex.cp.user_tokens["controller"])
+    config, cfg = ex.config(steps=["extract", "cluster"])
+    owner = client.CoreV1Api(ex.cp.api_client()).create_namespaced_config_map(ex.namespace, build_config_map(cfg, "fit-release"))
+
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, kubelet=kubelet):  # as the chart's Job runs it:
+        assert ex.submit(config, "--owner-configmap", "fit-release", kubeconfig=as_controller) == 0
+    assert [j["metadata"]["ownerReferences"][0]["uid"] for j in ex.jobs()] == [owner.metadata.uid] * 2
+    assert commands.cli_status([f"config={config}", "--kubeconfig", str(as_controller)]) == 0
+    assert "fit-cluster" in capsys.readouterr().out
+
+    other, _ = ex.config(name="other")  # its ConfigMap must be created: not in the Role
+    assert ex.submit(other, kubeconfig=as_controller) == 1
+    err = capsys.readouterr().err
+    assert f"forbidden: cannot create configmaps in namespace '{ex.namespace}'" in err
+    assert 'User "clusterfit-controller" cannot create resource "configmaps"' in err  # the server's own words
+    assert len(ex.jobs()) == 2
+
+
+def test_server_dry_run_validates_and_rejects_with_the_servers_message(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    config, cfg = ex.config()
+    assert ex.submit(config, "--server-dry-run") == 0
+    assert capsys.readouterr().out.count("valid (server dry run)") == 5
+
+    bad = cfg.model_dump(mode="json")
+    term = {"matchExpressions": [{"key": "gpu", "operator": "In", "values": "a100"}]}  # values must be a list
+    bad["KUBERNETES"]["AFFINITY"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    (ex.folder / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert ex.submit(ex.folder / "bad.yaml", "--server-dry-run") == 1
+    err = capsys.readouterr().err
+    assert "pytorchjob/fit-extract rejected by the API server: create pytorchjobs:" in err
+    assert 'PyTorchJob.kubeflow.org "fit-extract" is invalid' in err
+    assert "nodeSelectorTerms[0].matchExpressions[0].values: Invalid value" in err
+    assert ex.jobs() == []  # a dry run creates nothing
+
+
+def test_refuses_a_different_job_and_reports_one_that_vanished(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    config, cfg = ex.config(steps=["extract"])
+    admin_jobs = client.CustomObjectsApi(ex.cp.api_client())
+    stranger = commands.build_all(cfg, config_map_name="fit-config")[1]
+    stranger["metadata"]["annotations"]["clusterfit.io/spec-hash"] = "someone-elses"
+    admin_jobs.create_namespaced_custom_object(GROUP, VERSION, ex.namespace, PLURAL, stranger)
+    assert ex.submit(config) == 1
+    assert "already exists with a different spec" in capsys.readouterr().err
+    admin_jobs.delete_namespaced_custom_object(GROUP, VERSION, ex.namespace, PLURAL, "fit-extract")
+
+    with FakeOperator(ex, cfg, {"extract": Script(hold=threading.Event())}) as operator:
+        thread, result = ex.submit_in_background(config)
+        assert operator.scripts["extract"].running.wait(timeout=30)
+        admin_jobs.delete_namespaced_custom_object(GROUP, VERSION, ex.namespace, PLURAL, "fit-extract")  # TTL, say
+        thread.join(timeout=30)
+    assert result == [1]
+    assert "PyTorchJob fit-extract was deleted before it finished" in capsys.readouterr().err
+
+
+def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+    config, cfg = ex.config(steps=["extract", "cluster"])
+    base = [f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    scripts = {"cluster": Script(hold=threading.Event(), log="k-means iteration 1\nk-means iteration 2\n")}
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, scripts, kubelet):
+        thread, result = ex.submit_in_background(config, "--namespace", ex.namespace)
+        assert scripts["cluster"].running.wait(timeout=30)
+        capsys.readouterr()
+        assert commands.cli_status(base) == 0
+        table = capsys.readouterr().out
+        assert "extract   fit-extract" in table and "Succeeded" in table and "published" in table
+        assert "cluster   fit-cluster" in table and "Running" in table
+        assert commands.cli_logs([*base, "cluster", "--follow"]) == 0
+        assert capsys.readouterr().out == "k-means iteration 1\nk-means iteration 2\n"
+        assert commands.cli_logs([*base, "extract"]) == 0
+        assert capsys.readouterr().out == "extract: starting\nextract: done\n"
+        assert commands.cli_cancel([*base, "--suspend"]) == 0
+        assert "suspended PyTorchJob fit-cluster (was Running)" in capsys.readouterr().out
+        got = client.CustomObjectsApi(ex.cp.api_client()).get_namespaced_custom_object(GROUP, VERSION, ex.namespace, PLURAL, "fit-cluster")
+        assert got["spec"]["runPolicy"]["suspend"] is True
+        assert commands.cli_cancel(base) == 0
+        assert "deleted PyTorchJob fit-cluster" in capsys.readouterr().out
+        thread.join(timeout=30)
+    assert result == [1]  # the controller saw its job deleted: lost, not succeeded
+    assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
