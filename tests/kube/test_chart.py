@@ -216,3 +216,13 @@ def test_the_api_server_accepts_the_release(control_plane: ControlPlane, namespa
     for obj in objects + tests + jobs:
         status, body = server_dry_run(control_plane, obj, namespace)
         assert status == 201, f"{obj['kind']} {obj['metadata']['name']}: {status} {body}"
+
+
+def test_the_controller_jobs_command_line_reaches_clusterfit_submit(helm_bin: Path, tmp_path: Path) -> None:
+    # The Job's exact argv through the real entry point (`--help` appended so nothing runs): the
+    # top-level parser must hand every argument, the leading --in-cluster too, to `submit`.
+    (job,) = [o for o in chart_objects(helm_bin, "-f", str(VALUES["default"])) if o["kind"] == "Job"]
+    (controller,) = job["spec"]["template"]["spec"]["containers"]
+    argv = [*controller["command"][1:], *controller["args"], "--help"]
+    result = subprocess.run([sys.executable, "-m", "clusterfit", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "--in-cluster" in result.stdout, result.stdout + result.stderr
