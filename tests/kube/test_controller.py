@@ -10,6 +10,8 @@ job count per name from the operator's record of uids, the Role from k8s/control
 from __future__ import annotations
 
 import logging
+import os
+import pty
 import signal
 import subprocess
 import sys
@@ -309,3 +311,26 @@ def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[st
         thread.join(timeout=30)
     assert result == [1]  # the controller saw its job deleted: lost, not succeeded
     assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
+
+
+def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> None:
+    config, cfg = ex.config(steps=["extract"])
+    command = [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    with FakeOperator(ex, cfg, {"extract": Script(hold=threading.Event())}):
+        detached = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        read_until(detached, "PyTorchJob fit-extract: Running")
+        detached.send_signal(signal.SIGINT)
+        err = detached.communicate(timeout=30)[1]
+        assert detached.returncode == 130 and "detached: PyTorchJob fit-extract keeps running" in err, err
+        assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
+
+        terminal, tty = pty.openpty()  # stdin is a terminal: Ctrl-C asks, and "c" cancels
+        asked = subprocess.Popen(command, cwd=ex.folder, stdin=tty, stdout=tty, stderr=subprocess.PIPE, text=True)
+        read_until(asked, "PyTorchJob fit-extract: Running")  # adopted, followed
+        asked.send_signal(signal.SIGINT)
+        os.write(terminal, b"c\n")
+        err = asked.communicate(timeout=30)[1]
+        os.close(terminal)
+        os.close(tty)
+    assert asked.returncode == 130 and "cancelled: deleted PyTorchJob fit-extract" in err, err
+    assert ex.jobs() == []
