@@ -157,7 +157,9 @@ class ModelConfig(Section):
     TRUNK: TrunkConfig = Field(default_factory=TrunkConfig, description="The network architecture.")
     WEIGHTS_INIT: WeightsInitConfig = Field(default_factory=WeightsInitConfig, description="Initial weights for extraction.")
     AMP_PARAMS: AmpConfig = Field(default_factory=AmpConfig, description="Mixed precision.")
-    CHANNELS_LAST: bool = Field(True, description="channels_last memory format on CUDA; ignored on CPU.")
+    CHANNELS_LAST: bool = Field(
+        True, description="channels_last (NHWC) memory format: faster convolutions with oneDNN on CPU and tensor cores on CUDA."
+    )
 
 
 class FeaturesConfig(Section):
@@ -306,7 +308,7 @@ def config_dirs() -> list[Path]:
     if env := os.environ.get("CLUSTERFIT_CONFIG_DIR"):
         dirs.insert(0, Path(env))
     dirs.append(Path(__file__).resolve().parent.parent / "configs")
-    return dirs
+    return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
 def resolve_config_path(name: str) -> Path:
@@ -336,12 +338,39 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
             continue
         if not key.startswith("config.") or len(key) <= len("config."):
             raise ConfigError(f"argument {arg!r}: overrides are written config.KEY.PATH=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-        _set_path(overrides, key[len("config.") :].split("."), value)
+        path = key[len("config.") :].split(".")
+        _set_path(overrides, path, parse_value(raw, field_annotation(path), key))
     return name, overrides
+
+
+def field_annotation(path: list[str]) -> Any:
+    """The type annotation of the config field at `path`, or None when there is no such field."""
+    model: Any = Config
+    annotation: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def parse_value(raw: str, annotation: Any, key: str) -> Any:
+    """A command-line value as YAML, except that text fields keep the text as typed (NAME=2024 stays "2024")."""
+    if annotation is str:
+        return raw
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
+    if annotation == list[str] and isinstance(value, list):
+        return [v if isinstance(v, str) else raw_item(v) for v in value]
+    return value
+
+
+def raw_item(value: Any) -> str:
+    return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -132,7 +132,8 @@ def folder_source(path: str, cfg: Config, key: str) -> FileSource:
         raise DatasetError(f"{key}: {path}: no images found in <root>/<class>/<image> layout ({', '.join(IMAGE_SUFFIXES)})")
     classes = sorted({k.split("/", 1)[0] for k in keys})
     class_index = {c: i for i, c in enumerate(classes)}
-    keys.sort(key=lambda k: (class_index[k.split("/", 1)[0]], k))
+    # torchvision's order: by class, then by folder (a folder's own files before its subfolders'), then name.
+    keys.sort(key=lambda k: (class_index[k.split("/", 1)[0]], k.rpartition("/")[0], k.rpartition("/")[2]))
     targets = np.array([class_index[k.split("/", 1)[0]] for k in keys], dtype=np.int64)
     return FileSource(store, keys, targets, classes)
 

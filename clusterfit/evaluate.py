@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from clusterfit import artifacts, distributed, report
 from clusterfit.config import Config
 from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
-from clusterfit.extract import forward_features, starting_model
+from clusterfit.extract import forward_features, memory_format, starting_model
 from clusterfit.layout import EVAL, TRAIN, cluster_folder, start_weights
 from clusterfit.models import Network, build_network
 from clusterfit.storage import Store, open_store
@@ -111,7 +111,7 @@ def features(cfg: Config, model: Network | None, train_set: ImageDataset, test_s
     """{layer: (train features, test features)}; raw pixels when model is None."""
     layers = ["pixels"] if model is None else list(cfg.EVALUATE.LAYERS)
     if model is not None:
-        model.to(device).eval()
+        model.to(device, memory_format=memory_format(cfg)).eval()
     both = [in_memory(cfg, model, dataset, layers, device) for dataset in (train_set, test_set)]
     return {layer: (both[0][layer], both[1][layer]) for layer in layers}
 
@@ -123,7 +123,7 @@ def in_memory(cfg: Config, model: Network | None, dataset: ImageDataset, layers:
         if model is None:
             parts["pixels"].append(images.flatten(1).numpy())
             continue
-        for layer, array in forward_features(model, images.to(device), layers, cfg.EXTRACT.POOL_SIZE).items():
+        for layer, array in forward_features(model, images.to(device), layers, cfg.EXTRACT.POOL_SIZE, memory_format(cfg)).items():
             parts[layer].append(array)
     return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
 

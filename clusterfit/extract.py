@@ -59,7 +59,7 @@ def run(cfg: Config) -> ExtractResult:
             result.skipped_steps.append(partition)
             continue
         if model is None:
-            model = starting_model(cfg, start).to(dist.device).eval()
+            model = starting_model(cfg, start).to(dist.device, memory_format=memory_format(cfg)).eval()
         dataset = build_dataset(cfg, partition, eval_transform(cfg.DATA.TRANSFORMS))
         result.chunks_computed += extract_chunks(cfg, store, folder, model, dataset, layers, dist)
         distributed.barrier()
@@ -68,6 +68,10 @@ def run(cfg: Config) -> ExtractResult:
         distributed.barrier()
     log.info("extract: done; features under %s", store.uri("features"))
     return result
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format
 
 
 def feature_layers(cfg: Config) -> list[str]:
@@ -110,9 +114,11 @@ def starting_model(cfg: Config, start: StartWeights) -> Network:
 
 
 @torch.inference_mode()
-def forward_features(model: Network, images: torch.Tensor, layers: list[str], pool_size: int) -> dict[str, np.ndarray]:
+def forward_features(
+    model: Network, images: torch.Tensor, layers: list[str], pool_size: int, fmt: torch.memory_format = torch.contiguous_format
+) -> dict[str, np.ndarray]:
     """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size."""
-    taps = model.trunk.taps(images, layers)
+    taps = model.trunk.taps(images.contiguous(memory_format=fmt), layers)
     return {name: pool_features(taps[name], pool_size).float().cpu().numpy() for name in layers}
 
 
@@ -141,7 +147,7 @@ def extract_chunks(
     )
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]] = {}
     for images, index, ok in progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch"):
-        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE)
+        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE, memory_format(cfg))
         chunk = int(index[0]) // size
         pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
         expected = min((chunk + 1) * size, total) - chunk * size

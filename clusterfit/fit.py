@@ -77,7 +77,7 @@ def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitRe
         return done
     started = time.time()
     model = job.model.to(dist.device)
-    if dist.device.type == "cuda" and cfg.MODEL.CHANNELS_LAST:
+    if cfg.MODEL.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -150,6 +150,7 @@ def epoch_context(
         batches_per_epoch=(len(job.dataset) // dist.world_size) // job.batch_size,
         step_fn=job.step_fn,
         on_step=on_step,
+        memory_format=torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format,
         progress_interval_s=cfg.LOG.PROGRESS_INTERVAL_S,
     )
 

@@ -113,8 +113,8 @@ class LocalBackend:
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        folder = base if base.is_dir() else base.parent
+        # A string prefix, as on S3: "clusters/k1" also matches "clusters/k10/..." and "clusters/k1.json".
+        folder = self.root / prefix.rpartition("/")[0]
         if not folder.is_dir():
             return []
         keys = []
@@ -217,7 +217,8 @@ def make_s3_client(settings: Any) -> Any:
     from botocore.config import Config as BotoConfig
 
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": settings.MAX_ATTEMPTS},
+        # total_max_attempts counts the first try; botocore's max_attempts would count retries only.
+        "retries": {"mode": "standard", "total_max_attempts": settings.MAX_ATTEMPTS},
         "connect_timeout": settings.CONNECT_TIMEOUT_S,
         "read_timeout": settings.READ_TIMEOUT_S,
         "s3": {"addressing_style": settings.ADDRESSING_STYLE},

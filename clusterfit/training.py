@@ -177,6 +177,7 @@ class EpochContext:
     step_fn: Any  # (images, targets) -> (inputs, targets): RotNet rotates here, ClusterFit passes through
     on_step: Any  # (state) -> None: step-frequency checkpoints and SIGTERM
     progress_interval_s: float = 30.0
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 def train_one_epoch(ctx: EpochContext, loader: Any, state: TrainState, epoch: int) -> dict[str, float]:
@@ -186,6 +187,7 @@ def train_one_epoch(ctx: EpochContext, loader: Any, state: TrainState, epoch: in
     todo = ctx.batches_per_epoch - state.step_in_epoch
     for images, targets in progress(loader, todo, f"epoch {epoch}", ctx.progress_interval_s, "step"):
         inputs, labels = ctx.step_fn(images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True))
+        inputs = inputs.contiguous(memory_format=ctx.memory_format)
         lr = ctx.lr_fn(epoch + state.step_in_epoch / ctx.batches_per_epoch)
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr

@@ -2,8 +2,9 @@
 
     python -m clusterfit.kube.chart_schema > helm/clusterfit/values.schema.json
 
-`experiment` is the experiment config itself (Config.model_json_schema(), its $defs hoisted to the
-top so its $refs resolve); the chart's own values are declared here. Every object schema that
+`experiment` is the experiment config itself (Config.model_json_schema() reduced to its structure,
+its $defs hoisted to the top so its $refs resolve; `clusterfit config schema` has the documented
+one); the chart's own values are declared here. Every object schema that
 lists properties rejects unknown keys, so a typo fails `helm install` instead of being ignored.
 tests/kube/test_chart.py fails when the committed file differs from what this module prints.
 """
@@ -59,9 +60,27 @@ def controller_schema() -> dict[str, Any]:
     )
 
 
+def structure_only(node: Any) -> Any:
+    """A pydantic schema without titles, descriptions and defaults: what helm checks (keys, types,
+    bounds) stays, and the chart's schema changes only when the config's structure does."""
+    if isinstance(node, list):
+        return [structure_only(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("title", "description", "default"):
+            continue
+        if key in ("properties", "$defs"):  # maps of names to schemas: keep every name
+            out[key] = {name: structure_only(schema) for name, schema in value.items()}
+        else:
+            out[key] = structure_only(value)
+    return out
+
+
 def values_schema() -> dict[str, Any]:
     """The JSON schema of the chart's values."""
-    config = Config.model_json_schema()
+    config = structure_only(Config.model_json_schema())
     defs = config.pop("$defs")
     config["description"] = "The experiment config, as in configs/*.yaml (EXPERIMENT.ROOT must be s3://)."
     properties = {

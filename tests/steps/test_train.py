@@ -120,7 +120,7 @@ def test_sigterm_writes_a_checkpoint_before_exiting(clustered: Path, tmp_path: P
     assert "stopped by SIGTERM" in err
 
 
-def test_checkpoints_on_s3_move_the_latest_pointer(s3_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoints_on_s3_move_the_latest_pointer(s3_server, s3_bucket: str, s3_env) -> None:  # type: ignore[no-untyped-def]
     root = f"{s3_bucket}/exp"
     run_ok("run", *args(root, "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4", "config.OPTIMIZER.NUM_EPOCHS=2"), env=s3_server.env())
     from clusterfit.storage import open_store
