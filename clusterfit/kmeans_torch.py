@@ -23,8 +23,12 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor, batch: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+SCORE_BUDGET_BYTES = 256 * 1024 * 1024  # one (rows x K) float32 score block at a time
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor, batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x (n, D), centroids (K, D) -> ids int64 (n,), squared distances (n,), via ||x||² - 2x·c + ||c||²."""
+    batch = batch or max(256, SCORE_BUDGET_BYTES // (4 * centroids.shape[0]))
     c_norm = (centroids * centroids).sum(1)
     ids, dists = [], []
     for start in range(0, x.shape[0], batch):
