@@ -35,8 +35,8 @@ def npy_meta(data: bytes) -> dict[str, Any]:
     """Shape and dtype from a .npy header, without loading the array."""
     buffer = io.BytesIO(data[:4096])
     version = np.lib.format.read_magic(buffer)
-    header = np.lib.format._read_array_header(buffer, version)  # noqa: SLF001 - stable since numpy 1.x
-    shape, _, dtype = header
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(buffer)
     return {"shape": list(shape), "dtype": np.dtype(dtype).str}
 
 

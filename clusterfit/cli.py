@@ -80,15 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=["show", "schema"])
     config.add_argument("args", nargs="*")
     for name, (_, _, text) in KUBE_COMMANDS.items():
-        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; parsed by its own module
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    if argv and argv[0] in KUBE_COMMANDS:
+        # These parse their own flags (which may come before config=...): hand over the rest untouched.
+        ns = argparse.Namespace(command=argv[0], args=argv[1:])
+    else:
+        ns = build_parser().parse_args(argv)
     try:
         return dispatch(ns)
     except Interrupted as exc:

@@ -50,7 +50,7 @@ def run(cfg: Config) -> ClusterResult:
     folder = cluster_folder(cfg)
     main_split = cfg.CLUSTERFIT.FEATURES.DATA_PARTITION
     # Inputs: the published features of every extracted split, checked against the config.
-    parts = {main_split: open_features(cfg, store, main_split)}
+    parts: dict[str, FeatureParts] = {main_split: open_features(cfg, store, main_split)}
     for split in other_splits(cfg, store, main_split):
         parts[split] = open_features(cfg, store, split)
     fp = fingerprint(cfg, parts)

@@ -191,7 +191,7 @@ class ExtractConfig(Section):
     CHUNK_SIZE: int = Field(4096, ge=1, description="Images per part file; memory is bounded by one chunk.")
     POOL_SIZE: int = Field(1, ge=1, description="Feature maps are adaptive-average-pooled to POOL_SIZE x POOL_SIZE and flattened.")
     PARTITIONS: list[Literal["TRAIN", "TEST"]] = Field(
-        default_factory=lambda: ["TRAIN", "TEST"], description="Splits to extract (those configured in DATA); other splits are assigned to the same centroids."
+        ["TRAIN", "TEST"], description="Splits to extract (those configured in DATA); other splits are assigned to the same centroids."
     )
 
 
@@ -228,7 +228,7 @@ class CheckpointConfig(Section):
 
 class EvaluateConfig(Section):
     LAYERS: list[Literal["conv1", "res2", "res3", "res4", "res5", "res5avg"]] = Field(
-        default_factory=lambda: ["res4", "res5avg"], description="Layers whose frozen features are probed."
+        ["res4", "res5avg"], description="Layers whose frozen features are probed."
     )
     KNN_K: int = Field(20, ge=1, description="Neighbours for kNN top-1 (cosine, temperature-weighted votes).")
     KNN_TEMPERATURE: float = Field(0.07, gt=0, description="kNN vote temperature.")
@@ -236,13 +236,13 @@ class EvaluateConfig(Section):
     LINEAR_LR: float = Field(0.1, gt=0, description="Linear probe learning rate (SGD, cosine).")
     LINEAR_WEIGHT_DECAY: float = Field(1e-4, ge=0, description="Linear probe weight decay.")
     BASELINES: list[Literal["random", "pixels"]] = Field(
-        default_factory=lambda: ["random", "pixels"], description="Reference rows: a randomly initialised trunk, raw pixels."
+        ["random", "pixels"], description="Reference rows: a randomly initialised trunk, raw pixels."
     )
 
 
 class PipelineConfig(Section):
     STEPS: list[Literal["pretrain", "extract", "cluster", "train", "evaluate"]] = Field(
-        default_factory=lambda: ["extract", "cluster", "train", "evaluate"], description="Steps `clusterfit run` executes, in pipeline order."
+        ["extract", "cluster", "train", "evaluate"], description="Steps `clusterfit run` executes, in pipeline order."
     )
 
 
@@ -286,7 +286,7 @@ class Config(Section):
                 "pretrain produces the starting weights; remove one of them"
             )
         if len(self.DATA.TRAIN.LABEL_PATHS) > 1:
-            raise ValueError("DATA.TRAIN.LABEL_PATHS: one label file is supported, got %d" % len(self.DATA.TRAIN.LABEL_PATHS))
+            raise ValueError(f"DATA.TRAIN.LABEL_PATHS: one label file is supported, got {len(self.DATA.TRAIN.LABEL_PATHS)}")
         return self
 
     @property

@@ -42,7 +42,9 @@ class BadImageError(DatasetError):
 
 
 class ImageSource(Protocol):
-    targets: np.ndarray | None  # ground-truth class per index (int64), when known
+    @property
+    def targets(self) -> np.ndarray | None:
+        """Ground-truth class per index (int64), when known."""
 
     def __len__(self) -> int: ...
     def load(self, index: int) -> Image.Image: ...
@@ -67,7 +69,7 @@ class DigitsSource:
         return len(self.images)
 
     def load(self, index: int) -> Image.Image:
-        gray = Image.fromarray(self.images[index], mode="L").resize((self.image_size, self.image_size), Image.BILINEAR)
+        gray = Image.fromarray(self.images[index], mode="L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         return gray.convert("RGB")
 
     def name(self, index: int) -> str:

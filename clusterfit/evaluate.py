@@ -109,9 +109,9 @@ def models(cfg: Config, store: Store, start: Any) -> dict[str, Network | None]:
 
 def features(cfg: Config, model: Network | None, train_set: ImageDataset, test_set: ImageDataset, device: torch.device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{layer: (train features, test features)}; raw pixels when model is None."""
-    layers = ["pixels"] if model is None else list(cfg.EVALUATE.LAYERS)
+    layers: list[str] = ["pixels"] if model is None else list(cfg.EVALUATE.LAYERS)
     if model is not None:
-        model.to(device, memory_format=memory_format(cfg)).eval()
+        model.to(device).to(memory_format=memory_format(cfg)).eval()
     both = [in_memory(cfg, model, dataset, layers, device) for dataset in (train_set, test_set)]
     return {layer: (both[0][layer], both[1][layer]) for layer in layers}
 

@@ -59,7 +59,7 @@ def run(cfg: Config) -> ExtractResult:
             result.skipped_steps.append(partition)
             continue
         if model is None:
-            model = starting_model(cfg, start).to(dist.device, memory_format=memory_format(cfg)).eval()
+            model = starting_model(cfg, start).to(dist.device).to(memory_format=memory_format(cfg)).eval()
         dataset = build_dataset(cfg, partition, eval_transform(cfg.DATA.TRANSFORMS))
         result.chunks_computed += extract_chunks(cfg, store, folder, model, dataset, layers, dist)
         distributed.barrier()

@@ -32,7 +32,7 @@ class FitJob:
     step: str  # "pretrain" or "train"
     folder: str
     model: nn.Module
-    dataset: torch.utils.data.Dataset[tuple[torch.Tensor, int]]
+    dataset: Any  # a sized map-style dataset of (image, target)
     step_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     optimizer_cfg: OptimizerConfig
     batch_size: int

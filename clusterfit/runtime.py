@@ -101,10 +101,8 @@ def progress(items: Iterable[T], total: int, desc: str, interval_s: float = 30.0
         return
     log = logging.getLogger("clusterfit.progress")
     start = last = time.monotonic()
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last >= interval_s or done == total:
             rate = done / max(now - start, 1e-9)

@@ -195,7 +195,7 @@ class S3Backend:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise _translate(exc, self.uri(key)) from None
+            raise _translate(exc, self.uri(key)) or StorageError(f"{self.uri(key)}: {exc}") from None
 
     def list(self, prefix: str) -> list[str]:
         keys: list[str] = []
@@ -241,13 +241,12 @@ class _s3_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, StorageError) or isinstance(exc, self.passthrough):
-            return False
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or isinstance(exc, (StorageError, *self.passthrough)):
+            return
         translated = _translate(exc, self.uri)
-        if translated is None:
-            return False
-        raise translated from None
+        if translated is not None:
+            raise translated from None
 
 
 def _translate(exc: BaseException, uri: str) -> StorageError | None:

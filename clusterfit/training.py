@@ -8,6 +8,7 @@ from the pointer automatically; SIGTERM (a pod being evicted) writes one before 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -33,7 +34,8 @@ KEEP_CHECKPOINTS = 2
 
 def param_groups(model: nn.Module, opt: OptimizerConfig) -> list[dict[str, Any]]:
     """Weight decay on weights; none on BatchNorm (unless REGULARIZE_BN) or biases (unless REGULARIZE_BIAS)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         for name, param in module.named_parameters(recurse=False):
@@ -90,10 +92,8 @@ class SigtermFlag:
 
     def __init__(self) -> None:
         self.set = False
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, nothing to remember
             signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            pass
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: writing a checkpoint at the next step, then exiting")
