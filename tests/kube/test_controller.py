@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,13 @@ def read_until(process: subprocess.Popen[str], text: str, timeout_s: float = 60)
         assert line and time.monotonic() < deadline, f"never saw {text!r}:\n{''.join(lines)}"
         lines.append(line)
     return "".join(lines)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 # ---- pure decisions, from recorded status sequences -------------------------------------------
@@ -194,8 +202,8 @@ def test_watch_cut_by_an_apiserver_restart_still_reaches_the_verdict(
     caplog.set_level(logging.INFO)
     with FakeOperator(ex, cfg, scripts) as operator:
         thread, result = ex.submit_in_background(config)
-        assert scripts["extract"].running.wait(timeout=30)
-        time.sleep(0.5)  # the controller now watches the Running job
+        wait_for(lambda: "PyTorchJob fit-extract: Running" in caplog.text)  # it follows the Running job
+        time.sleep(0.2)
         ex.cp.restart_apiserver(graceful=graceful)
         hold.set()  # Succeeded is patched after the restart: only a new watch or list can see it
         thread.join(timeout=60)
@@ -222,7 +230,7 @@ def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(ex: Expe
     with FakeOperator(ex, cfg, {"extract": Script(hold=(hold := threading.Event()))}):
         thread = threading.Thread(target=Controller(cfg, kube, open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE), config_map_name="c", owner=None).run, daemon=True)
         thread.start()
-        time.sleep(1.0)
+        wait_for(lambda: "410 Gone" in caplog.text)  # while the job still runs
         hold.set()
         thread.join(timeout=30)
     assert "PyTorchJob fit-extract: watch expired (410 Gone); listing again" in caplog.text
