@@ -57,6 +57,7 @@ def run(cfg: Config) -> EvalResult:
     if artifacts.is_published(store, EVAL, fp):
         log.info("evaluate: already published at %s with the same config and inputs; skipping", store.uri(EVAL))
         return EvalResult(EVAL, True)
+    log.info("evaluate: writing to %s", store.uri(EVAL))
     started = time.time()
     train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
     test_set = build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS))

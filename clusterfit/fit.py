@@ -75,6 +75,7 @@ def published(store: Store, step: str, folder: str, fingerprint: str) -> FitResu
 def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitResult:
     if done := published(store, job.step, job.folder, job.fingerprint):
         return done
+    log.info("%s: writing to %s", job.step, store.uri(job.folder))
     started = time.time()
     model = job.model.to(dist.device)
     if cfg.MODEL.CHANNELS_LAST:

@@ -78,8 +78,9 @@ def test_rerun_skips_published_steps(step1_root: Path) -> None:
 def test_extract_and_cluster_on_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root = f"{s3_bucket}/exp1"
     env = s3_server.env()
-    run_ok("extract", *step1(root), env=env)
-    run_ok("cluster", *step1(root), env=env)
+    small = ("config.DATA.TRAIN.DATA_LIMIT=600", "config.EXTRACT.PARTITIONS=[TRAIN]")
+    run_ok("extract", *step1(root, *small), env=env)
+    run_ok("cluster", *step1(root, *small), env=env)
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id=s3_server.access_key,
@@ -88,7 +89,7 @@ def test_extract_and_cluster_on_s3(s3_server, s3_bucket: str, tmp_path: Path) ->
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="exp1/")["Contents"]}
     assert {"exp1/clusters/res5-k20/_SUCCESS.json", "exp1/clusters/res5-k20/labels.npy", "exp1/features/train/_SUCCESS.json"} <= keys
     labels = np.load(__import__("io").BytesIO(client.get_object(Bucket=bucket, Key="exp1/clusters/res5-k20/labels.npy")["Body"].read()))
-    assert labels.shape == (1437,) and labels.min() >= 0 and labels.max() < 20
+    assert labels.shape == (600,) and labels.min() >= 0 and labels.max() < 20
 
 
 def test_two_processes_extract_the_same_features_as_one(tmp_path: Path, step1_root: Path) -> None:
@@ -104,24 +105,26 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path: Path, step1_ro
 
 def test_killed_extraction_resumes_at_the_first_unfinished_chunk(tmp_path: Path, step1_root: Path) -> None:
     root = tmp_path / "killed"
-    args = [sys.executable, "-m", "clusterfit", "extract", *step1(root, "config.EXTRACT.CHUNK_SIZE=32", "config.EXTRACT.PARTITIONS=[TRAIN]")]
+    small = ("config.EXTRACT.CHUNK_SIZE=32", "config.EXTRACT.PARTITIONS=[TRAIN]", "config.DATA.TRAIN.DATA_LIMIT=640")
+    args = [sys.executable, "-m", "clusterfit", "extract", *step1(root, *small)]
     markers = root / "features/train/_chunks"
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 6:
+    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 5:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.json")}
-    assert 6 <= len(done) < 45, f"{len(done)} chunks done at the kill"
+    assert 5 <= len(done) < 20, f"{len(done)} chunks done at the kill"
     assert not (root / "features/train/_SUCCESS.json").exists()  # nothing published half-way
-    resumed = run_ok("extract", *step1(root, "config.EXTRACT.CHUNK_SIZE=32", "config.EXTRACT.PARTITIONS=[TRAIN]"))
-    assert f"{len(done)} of this rank's 45 chunks already done" in resumed.stderr
+    resumed = run_ok("extract", *step1(root, *small))
+    assert f"{len(done)} of this rank's 20 chunks already done" in resumed.stderr
     for name, mtime in done.items():  # finished chunks were not recomputed
         assert (markers / name).stat().st_mtime_ns == mtime
-    _, resumed_feats = features_from_disk(root, "train", "res5")
+    index, resumed_feats = features_from_disk(root, "train", "res5")
     _, full_feats = features_from_disk(step1_root, "train", "res5")
-    np.testing.assert_allclose(resumed_feats, full_feats, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(index, np.arange(640))
+    np.testing.assert_allclose(resumed_feats, full_feats[:640], rtol=1e-4, atol=1e-5)
 
 
 def test_num_clusters_larger_than_data_fails_before_any_work(step1_root: Path) -> None:
@@ -144,7 +147,8 @@ def test_features_of_another_layer_are_refused(step1_root: Path) -> None:
 
 def test_nan_features_fail_naming_the_part(tmp_path: Path) -> None:
     root = tmp_path / "nan"
-    run_ok("extract", *step1(root, "config.EXTRACT.PARTITIONS=[TRAIN]"))
+    small = ("config.EXTRACT.PARTITIONS=[TRAIN]", "config.DATA.TRAIN.DATA_LIMIT=600")
+    run_ok("extract", *step1(root, *small))
     part = root / "features/train/res5/part-00000-000001.npy"
     feats = np.load(part)
     feats[3, 7] = np.nan
@@ -156,17 +160,18 @@ def test_nan_features_fail_naming_the_part(tmp_path: Path) -> None:
     data = part.read_bytes()
     man["files"]["res5/part-00000-000001.npy"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
     (root / "features/train/_SUCCESS.json").write_text(json.dumps(man))
-    proc = cli("cluster", *step1(root, "config.EXTRACT.PARTITIONS=[TRAIN]"))
+    proc = cli("cluster", *step1(root, *small))
     assert proc.returncode == 2
     assert "part-00000-000001.npy" in proc.stderr and "NaN" in proc.stderr
 
 
 def test_an_altered_part_is_caught_by_the_manifest(tmp_path: Path) -> None:
     root = tmp_path / "altered"
-    run_ok("extract", *step1(root, "config.EXTRACT.PARTITIONS=[TRAIN]"))
+    small = ("config.EXTRACT.PARTITIONS=[TRAIN]", "config.DATA.TRAIN.DATA_LIMIT=300")
+    run_ok("extract", *step1(root, *small))
     part = root / "features/train/res5/part-00000-000000.npy"
     feats = np.load(part)
     np.save(part, feats * 2)
-    proc = cli("cluster", *step1(root, "config.EXTRACT.PARTITIONS=[TRAIN]"))
+    proc = cli("cluster", *step1(root, *small))
     assert proc.returncode == 2
     assert "part-00000-000000.npy" in proc.stderr and "altered after publication" in proc.stderr

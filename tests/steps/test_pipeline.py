@@ -10,7 +10,7 @@ from tests.conftest import cli, tiny_overrides
 
 def test_run_end_to_end_then_rerun_does_nothing(tmp_path: Path) -> None:
     root = tmp_path / "exp"
-    overrides = [*tiny_overrides(root), "config.DATA.TRAIN.DATA_LIMIT=512"]
+    overrides = [*tiny_overrides(root), "config.DATA.TRAIN.DATA_LIMIT=320", "config.DATA.TEST.DATA_LIMIT=200"]
     first = cli("run", *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Ran pretrain, extract, cluster, train, evaluate." in first.stdout
