@@ -57,20 +57,23 @@ def run(cfg: Config) -> ClusterResult:
     if artifacts.is_published(store, folder, fp):
         log.info("cluster: already published at %s with the same config and inputs; skipping", store.uri(folder))
         return ClusterResult(folder, True)
+    log.info("cluster: writing to %s", store.uri(folder))
     started = time.time()
     check_sizes(cfg, parts[main_split].num_rows)
     # Centroids: rank 0 trains them on a seeded sample; the other ranks wait for them.
     work = f"{folder}/_work/{fp[:16]}"
-    trained = train_centroids(cfg, parts[main_split]) if ranks.is_main else None
+    trained, sample = train_centroids(cfg, parts[main_split]) if ranks.is_main else (None, None)
     if ranks.is_main:
         assert trained is not None
         store.put_bytes(f"{work}/centroids.npy", array_to_bytes(trained.centroids))
     centroids = trained.centroids if trained else load_when_ready(cfg, store, f"{work}/centroids.npy")
-    # Assignment: each rank streams its share of the parts of every split.
+    # Assignment: each rank streams its share of the parts of every split (rank 0 reuses the
+    # prepared training sample when it is every row, instead of reading and normalising again).
     assign = kmeans.assigner(cfg.CLUSTERFIT.CLUSTER_BACKEND, centroids)
     for split, feature_parts in parts.items():
-        partial = assign_parts(cfg, feature_parts, assign, ranks)
+        partial = assign_parts(cfg, feature_parts, assign, ranks, sample if split == main_split else None)
         store.put_bytes(f"{work}/assign-{split}-rank{ranks.rank:05d}.npy", array_to_bytes(partial))
+    del sample
     if not ranks.is_main:
         return ClusterResult(folder, False)
     # Publication: rank 0 merges every rank's assignments, in dataset order.
@@ -123,19 +126,21 @@ def check_sizes(cfg: Config, num_points: int) -> None:
         )  # fmt: skip
 
 
-def train_centroids(cfg: Config, parts: FeatureParts) -> kmeans.Centroids:
+def train_centroids(cfg: Config, parts: FeatureParts) -> tuple[kmeans.Centroids, np.ndarray | None]:
+    """Centroids from a seeded sample, and that (normalised) sample when it is every row, in part order."""
     c = cfg.CLUSTERFIT
     rng = np.random.default_rng(cfg.EXPERIMENT.SEED)
     budget = c.NUM_CLUSTERS * c.MAX_POINTS_PER_CENTROID
     rows = np.sort(rng.choice(parts.num_rows, budget, replace=False)) if parts.num_rows > budget else None
-    sample = parts.gather(rows)
+    sample = parts.gather(rows)  # a fresh array: normalised in place, no second copy
     if c.L2_NORMALIZE:
-        sample = kmeans.l2_normalize(sample)
+        sample = kmeans.l2_normalize(sample, inplace=True)
     log.info("cluster: training %d centroids on %d of %d points (d=%d, backend %s)", c.NUM_CLUSTERS, len(sample), parts.num_rows, sample.shape[1], c.CLUSTER_BACKEND)
-    return kmeans.train(
+    trained = kmeans.train(
         c.CLUSTER_BACKEND, sample, c.NUM_CLUSTERS, niter=c.N_ITER, seed=cfg.EXPERIMENT.SEED,
         max_points_per_centroid=c.MAX_POINTS_PER_CENTROID, algorithm=c.ALGORITHM,
     )  # fmt: skip
+    return trained, (sample if rows is None else None)
 
 
 def load_when_ready(cfg: Config, store: Store, key: str) -> np.ndarray:
@@ -143,14 +148,24 @@ def load_when_ready(cfg: Config, store: Store, key: str) -> np.ndarray:
     return store.get_array(key)
 
 
-def assign_parts(cfg: Config, parts: FeatureParts, assign: kmeans.Assigner, ranks: Ranks) -> np.ndarray:
-    """This rank's parts -> structured rows (index, label, sqdist)."""
+def assign_parts(
+    cfg: Config, parts: FeatureParts, assign: kmeans.Assigner, ranks: Ranks, prepared: np.ndarray | None = None
+) -> np.ndarray:
+    """This rank's parts -> structured rows (index, label, sqdist).
+
+    `prepared`: every row of `parts`, in part order, already normalised as the config asks; the
+    parts' features are then not read again."""
     out = []
-    for number, (index, feats) in enumerate(parts.iter_parts()):
+    offsets = np.cumsum([0, *parts.rows])
+    for number, name in enumerate(parts.names):
         if number % ranks.world_size != ranks.rank:
             continue
-        if cfg.CLUSTERFIT.L2_NORMALIZE:
-            feats = kmeans.l2_normalize(feats)
+        if prepared is not None:
+            index, feats = parts.load_index(name), prepared[offsets[number] : offsets[number + 1]]
+        else:
+            index, feats = parts.load(name)
+            if cfg.CLUSTERFIT.L2_NORMALIZE:
+                feats = kmeans.l2_normalize(feats)
         step = cfg.CLUSTERFIT.ASSIGN_BATCH_SIZE
         for start in range(0, len(feats), step):
             labels, dists = assign.assign(feats[start : start + step])

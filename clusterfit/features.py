@@ -61,12 +61,24 @@ class FeatureParts:
     def nbytes(self) -> int:
         return sum(int(self.manifest["files"][n]["size"]) for n in self.names)
 
-    def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest."""
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["files"][self.names[0]]["shape"][1])
+
+    def load_index(self, name: str) -> np.ndarray:
+        """The dataset indices (int64 (n,)) of one part, checked against the manifest."""
+        if name in self._cache:
+            return self._cache[name][0]
+        return artifacts.load_array(self.store, self.folder, name[: -len(".npy")] + "-index.npy", self.manifest)
+
+    def load(self, name: str, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest.
+
+        Kept in memory for the next call when `cache` and all the parts fit in the cache limit."""
         if name in self._cache:
             return self._cache[name]
         feats = artifacts.load_array(self.store, self.folder, name, self.manifest)
-        index = artifacts.load_array(self.store, self.folder, name[: -len(".npy")] + "-index.npy", self.manifest)
+        index = self.load_index(name)
         uri = self.store.uri(f"{self.folder}/{name}")
         if feats.ndim != 2 or len(index) != len(feats):
             raise InputError(f"{uri}: expected an (n, D) array with n indices, got {feats.shape} and {index.shape}")
@@ -74,7 +86,7 @@ class FeatureParts:
             bad = int((~np.isfinite(feats)).any(axis=1).sum())
             raise InputError(f"{uri}: {bad} feature rows contain NaN or inf")
         feats = feats.astype(np.float32, copy=False)
-        if self.nbytes <= self.cache_limit_bytes:
+        if cache and self.nbytes <= self.cache_limit_bytes:
             self._cache[name] = (index, feats)
         return index, feats
 
@@ -83,15 +95,20 @@ class FeatureParts:
             yield self.load(name)
 
     def gather(self, rows: np.ndarray | None) -> np.ndarray:
-        """Features at global row positions (sorted; in part order), or all of them when rows is None."""
-        out = []
-        start = 0
+        """Features at global row positions (sorted; in part order), or all of them when rows is None.
+
+        A new float32 (len(rows) or num_rows, D) array that the caller owns; with rows None the parts
+        are not cached as well (the caller holds them all), so memory holds the features once."""
+        out = np.empty((self.num_rows if rows is None else len(rows), self.dim), dtype=np.float32)
+        start = filled = 0
         for name, count in zip(self.names, self.rows, strict=True):
             if rows is None:
-                out.append(self.load(name)[1])
+                out[start : start + count] = self.load(name, cache=False)[1]
+                filled = start + count
             else:
                 lo, hi = np.searchsorted(rows, [start, start + count])
                 if hi > lo:
-                    out.append(self.load(name)[1][rows[lo:hi] - start])
+                    out[filled : filled + hi - lo] = self.load(name)[1][rows[lo:hi] - start]
+                    filled += hi - lo
             start += count
-        return np.concatenate(out)
+        return out

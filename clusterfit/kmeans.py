@@ -38,10 +38,15 @@ class Assigner(Protocol):
         ...
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero); float32 (n, D) in and out."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+def l2_normalize(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero); float32 (n, D) in and out.
+
+    `inplace` overwrites a float32 x (no second copy of a large array) and returns it."""
+    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if inplace and x.dtype == np.float32:
+        x /= norms
+        return x
+    return (x / norms).astype(np.float32, copy=False)
 
 
 def choose_algorithm(requested: str, dim: int, on_gpu: bool) -> str:
