@@ -83,6 +83,7 @@ def train_faiss(
         centroids = faiss.vector_float_to_array(km.centroids).reshape(k, dim)
         stats = km.iteration_stats
         objective = [float(stats.at(i).obj) for i in range(stats.size())]
+        iteration_s = [float(stats.at(i).time) for i in range(stats.size())]
     else:
         km = faiss.Kmeans(
             dim, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
@@ -90,9 +91,11 @@ def train_faiss(
         )  # fmt: skip
         km.train(np.ascontiguousarray(x, dtype=np.float32), init_centroids=init_centroids)
         centroids, objective = km.centroids, [float(v) for v in km.obj]
+        iteration_s = np.diff([0.0, *(float(s["time"]) for s in km.iteration_stats)]).tolist()  # faiss's are cumulative
     elapsed = time.perf_counter() - start
     log.info("faiss %s: n=%d d=%d k=%d, %d iterations in %.1fs (gpus=%d)", chosen, n, dim, k, niter, elapsed, gpus)
-    return Centroids(np.ascontiguousarray(centroids, dtype=np.float32), objective, f"faiss-{chosen}", elapsed, {"gpus": gpus})
+    extra = {"gpus": gpus, "iteration_s": iteration_s}
+    return Centroids(np.ascontiguousarray(centroids, dtype=np.float32), objective, f"faiss-{chosen}", elapsed, extra)
 
 
 class FaissAssigner:

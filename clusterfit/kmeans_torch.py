@@ -40,19 +40,31 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, batch: int = 0) -> tuple[t
     return torch.cat(ids), torch.cat(dists)
 
 
+def pick_populous(host_counts: np.ndarray, n: int, rng: np.random.Generator) -> int:
+    """faiss's walk: from cluster 0 on, accept cluster j with probability (size_j - 1) / (n - k).
+
+    One uniform draw per step, as faiss does, but a lap of steps at a time (a step per cluster in
+    Python took seconds with thousands of clusters); the generator is then left exactly where the
+    one-at-a-time walk would have left it."""
+    k = len(host_counts)
+    accept = (host_counts - 1.0) / max(n - k, 1)
+    while True:  # each lap starts at cluster 0 again
+        state = rng.bit_generator.state
+        hits = np.flatnonzero(rng.random(k) < accept)
+        if hits.size:
+            rng.bit_generator.state = state
+            rng.random(int(hits[0]) + 1)  # consume exactly the draws the walk made
+            return int(hits[0])
+
+
 def split_empty(centroids: torch.Tensor, counts: torch.Tensor, n: int, rng: np.random.Generator) -> int:
     """faiss's repair of empty clusters, in place; returns how many were split."""
-    k = centroids.shape[0]
     host_counts = counts.double().cpu().numpy()
     empty = np.flatnonzero(host_counts == 0)
     sign = torch.ones(centroids.shape[1], device=centroids.device, dtype=centroids.dtype)
     sign[1::2] = -1
     for ci in empty:
-        cj = 0
-        while True:  # pick cj with probability (size - 1) / (n - k), as faiss does
-            if rng.random() < (host_counts[cj] - 1.0) / max(n - k, 1):
-                break
-            cj = (cj + 1) % k
+        cj = pick_populous(host_counts, n, rng)
         centroids[ci] = centroids[cj] * (1 + sign * EPS)
         centroids[cj] = centroids[cj] * (1 - sign * EPS)
         host_counts[ci] = host_counts[cj] // 2
@@ -74,9 +86,11 @@ def train_torch(
     init = init_centroids if init_centroids is not None else x[rng.choice(n, k, replace=False)]
     centroids = torch.from_numpy(np.array(init, dtype=np.float32)).to(device)
     objective: list[float] = []
+    iteration_s: list[float] = []
     splits = 0
     start = time.perf_counter()
     for _ in range(niter):
+        iteration_start = time.perf_counter()
         ids, dists = nearest(points, centroids)
         objective.append(float(dists.double().sum()))
         sums = torch.zeros_like(centroids).index_add_(0, ids, points)
@@ -85,11 +99,12 @@ def train_torch(
         centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
         if not bool(filled.all()):
             splits += split_empty(centroids, counts, n, rng)
+        iteration_s.append(time.perf_counter() - iteration_start)  # the objective's float() has synchronised
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     log.info("torch k-means on %s: n=%d d=%d k=%d, %d iterations in %.1fs, %d empty clusters split", device, n, x.shape[1], k, niter, elapsed, splits)
-    return Centroids(centroids.cpu().numpy(), objective, f"torch-lloyd-{device.type}", elapsed, {"splits": splits})
+    return Centroids(centroids.cpu().numpy(), objective, f"torch-lloyd-{device.type}", elapsed, {"splits": splits, "iteration_s": iteration_s})
 
 
 class TorchAssigner:
