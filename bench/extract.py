@@ -1,6 +1,6 @@
 """The extract step against a plain torchvision loop: images/s and peak memory, same images.
 
-    python bench/extract.py              # ResNet-18 at 112 px, batch 64, 512 and 5120 images
+    python bench/extract.py              # ResNet-18 at 64 px, batch 64, 256 and 2560 images
     python bench/extract.py --quick      # a smoke run
     python bench/extract.py --model resnet50 --image-size 96
 
@@ -170,18 +170,18 @@ def main(argv: list[str]) -> int:
     if common.child_main(CHILDREN, argv):
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 64 px, chunk 128, one repeat")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32 px, chunk 64, one repeat")
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=512, help="EXTRACT.CHUNK_SIZE, and the 1x dataset size")
+    parser.add_argument("--chunk", type=int, default=256, help="EXTRACT.CHUNK_SIZE, and the 1x dataset size")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.image_size, args.chunk, args.repeats = 64, 128, 1
+        args.image_size, args.chunk, args.repeats = 32, 64, 1
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         summary = summarise(bench(args, Path(tmp)))

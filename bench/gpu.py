@@ -21,6 +21,7 @@ Writes `<out>/gpu.json` (`--out`, default $OUT if set, else bench/results).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
@@ -76,7 +77,7 @@ def make_jpegs(count: int, size: tuple[int, int] = (500, 375)) -> list[bytes]:
     out = []
     for _ in range(min(count, 64)):
         small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize(size, Image.BICUBIC)
+        image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         out.append(buffer.getvalue())
@@ -104,7 +105,7 @@ class JpegDataset(torch.utils.data.Dataset[torch.Tensor]):
 def extraction_model(sizes: Sizes) -> Any:
     from clusterfit.models import Network
 
-    return Network(sizes.model).to(device(), memory_format=torch.channels_last).eval()
+    return Network(sizes.model).to(device()).to(memory_format=torch.channels_last).eval()
 
 
 def features(model: Any, images: torch.Tensor, bf16: bool) -> np.ndarray:
@@ -141,7 +142,7 @@ def bench_extract(sizes: Sizes) -> list[Row]:
         ("model only, bf16 autocast", lambda: iter(tensors), True),
         ("CPU JPEG decode (PIL, workers) + bf16", lambda: iter(loader), True),
     ):
-        rate = throughput(batches, lambda b, bf16=bf16: features(model, b, bf16))
+        rate = throughput(batches, functools.partial(features, model, bf16=bf16))
         rows.append({"benchmark": f"extract {sizes.model} {sizes.image_size}px", "setting": name, "figure": rate, "unit": "img/s"})
     rows.append(gpu_decode_row(model, jpegs, sizes))
     return rows
@@ -232,7 +233,7 @@ def bench_train(sizes: Sizes) -> Row:
     from clusterfit.models import Network
 
     torch.manual_seed(0)
-    model = Network(sizes.model, [sizes.k]).to(device(), memory_format=torch.channels_last)
+    model = Network(sizes.model, [sizes.k]).to(device()).to(memory_format=torch.channels_last)
     opt_cfg = OptimizerConfig(BASE_LR=0.1, BASE_LR_BATCH_SIZE=sizes.batch, WARMUP_EPOCHS=0)
     optimizer = training.build_optimizer(model, opt_cfg)
     steps = sizes.train_steps

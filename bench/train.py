@@ -1,6 +1,6 @@
 """Our training loop against a plain torchvision reference loop: images/s, same everything else.
 
-    python bench/train.py             # ResNet-18, 64 px, batch 64, 12 timed steps, 3 repeats
+    python bench/train.py             # ResNet-18, 64 px, batch 64, 8 timed steps, 2 repeats
     python bench/train.py --quick     # a smoke run
 
 Methods, each in its own process, interleaved and rotated per repeat. All use the same synthetic
@@ -184,11 +184,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     if args.quick:
