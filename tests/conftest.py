@@ -46,6 +46,13 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     )
 
 
+def run_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`cli(...)` that must exit 0; the failure shows the end of its stderr."""
+    proc = cli(*args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture
 def tmp_root(tmp_path: Path) -> Path:
     root = tmp_path / "exp"

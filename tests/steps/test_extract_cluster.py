@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli, tiny_overrides
+from tests.conftest import REPO, cli, run_ok, tiny_overrides
 from tests.steps.helpers import features_from_disk, manifest
 
 STEP1 = ["config.PIPELINE.STEPS=[extract,cluster]"]
@@ -21,12 +21,6 @@ STEP1 = ["config.PIPELINE.STEPS=[extract,cluster]"]
 
 def step1(root: Path | str, *extra: str) -> list[str]:
     return [*tiny_overrides(root), *STEP1, *extra]
-
-
-def run_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = cli(*args, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

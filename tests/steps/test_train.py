@@ -14,19 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli, tiny_overrides
+from tests.conftest import REPO, cli, run_ok, tiny_overrides
 
 LIMIT = "config.DATA.TRAIN.DATA_LIMIT=256"
 
 
 def args(root: Path | str, *extra: str) -> list[str]:
     return [*tiny_overrides(root), "config.PIPELINE.STEPS=[extract,cluster,train]", LIMIT, *extra]
-
-
-def run_ok(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = cli(*argv, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def history(root: Path) -> list[dict]:
