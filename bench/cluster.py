@@ -310,7 +310,7 @@ def bench_shape(shape: Shape, methods: list[str], tmp: Path) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     gemm: dict[str, Any] = {key: max(g[key] for g in gemms) for key in gemms[0]}
     gemm["all_best_gflops"] = [g["best_gflops"] for g in gemms]
-    return {"shape": asdict(shape), "gemm": gemm, "methods": summarise(shape, runs, gemm["best_gflops"])}
+    return {"shape": asdict(shape), "gemm": gemm, "methods": summarise(shape, runs, gemm["best_gflops"], gemm["best_gflops_per_cpu_s"])}
 
 
 def paired_ratio(base: list[dict[str, Any]], mine: list[dict[str, Any]], key: str) -> float:
@@ -327,18 +327,20 @@ def iteration_times(results: list[dict[str, Any]]) -> tuple[float | None, float 
     return first, common.median(later) if later else first
 
 
-def summarise(shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: float) -> dict[str, dict[str, Any]]:
+def summarise(shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: float, gemm_per_cpu_s: float) -> dict[str, dict[str, Any]]:
+    """Medians per method; rates also per CPU second against the GEMM's (robust to others' load)."""
     out: dict[str, dict[str, Any]] = {}
     base = runs.get("faiss-kmeans")
     for method, results in runs.items():
         iters = results[0]["iterations"]
         seconds = common.median([r["seconds"] for r in results])
         gflops = shape.pass_gflop * (iters + 1) / seconds
+        cpu_s = common.median([r["cpu_s"] for r in results])
         first, later = iteration_times(results)
         projected = seconds + (PROJECT_ITERS - iters) * later if later else seconds * (PROJECT_ITERS + 1) / (iters + 1)
         out[method] = {
             "algorithm": results[0]["algorithm"], "iterations": iters, "seconds": seconds,
-            "cpu_s": common.median([r["cpu_s"] for r in results]),
+            "cpu_s": cpu_s, "fraction_of_gemm_cpu": shape.pass_gflop * (iters + 1) / cpu_s / gemm_per_cpu_s,
             "x_faiss": paired_ratio(base, results, "seconds") if base else None,
             "x_faiss_cpu": paired_ratio(base, results, "cpu_s") if base else None,
             "train_s_per_iter": common.median([r["train_s"] for r in results]) / iters if "train_s" in results[0] else None,
@@ -355,7 +357,7 @@ def summarise(shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: 
 # ---- the table and the targets -------------------------------------------------------------------
 
 COLUMNS = ["shape", "method", "algorithm", "iters", "seconds", "x faiss", "x faiss (CPU s)", "iter s first/later", "GFLOP/s",
-           "% of GEMM", "objective", "obj vs faiss", "labels exact", "peak RSS MB", f"{PROJECT_ITERS} iter s (proj.)"]  # fmt: skip
+           "% of GEMM wall/CPU", "objective", "obj vs faiss", "labels exact", "peak RSS MB", f"{PROJECT_ITERS} iter s (proj.)"]  # fmt: skip
 
 
 def rows_of(shape_result: dict[str, Any]) -> list[list[Any]]:
@@ -368,7 +370,7 @@ def rows_of(shape_result: dict[str, Any]) -> list[list[Any]]:
             shape.name, method, m["algorithm"], m["iterations"], m["seconds"],
             f"{m['x_faiss']:.2f}x" if base else "-", f"{m['x_faiss_cpu']:.2f}x" if base else "-",
             f"{m['first_iter_s']:.3g} / {m['later_iter_s']:.3g}" if m["first_iter_s"] is not None else "-",
-            f"{m['gflops']:.1f}{pruned}", f"{100 * m['fraction_of_gemm']:.0f}%", f"{m['objective']:.6g}",
+            f"{m['gflops']:.1f}{pruned}", f"{100 * m['fraction_of_gemm']:.0f}% / {100 * m['fraction_of_gemm_cpu']:.0f}%", f"{m['objective']:.6g}",
             f"{100 * (m['objective'] / base['objective'] - 1):+.3f}%" if base else "-",
             f"{100 * m['labels_exact']:.1f}%", m["peak_rss_mb"], m["projected_s"],
         ])  # fmt: skip
@@ -381,31 +383,32 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shape, m = Shape(**r["shape"]), r["methods"]
         step, faiss_, torch_ = m.get("cluster-step"), m.get("faiss-kmeans"), m.get("torch")
         if step and faiss_ and not step["pruned"]:
-            over = 1 / step["x_faiss"] - 1
-            out.append({"target": "step overhead over raw faiss.Kmeans <= 5% (same algorithm)", "shape": shape.name,
+            over = max(1 / step["x_faiss"], 1 / step["x_faiss_cpu"]) - 1
+            out.append({"target": "step overhead over raw faiss.Kmeans <= 5% (same algorithm; verdict on the worse)", "shape": shape.name,
                         "figure": f"{100 * over:+.1f}% (CPU s: {100 * (1 / step['x_faiss_cpu'] - 1):+.1f}%)", "met": over <= 0.05})  # fmt: skip
         if step:  # not a target of the issue: where the step's own time goes
             outside = step["seconds"] - step["inside_faiss_s"]
             out.append({"target": "(info) step time outside its k-means calls: read, verify, normalise, publish", "shape": shape.name,
                         "figure": f"{outside:.2f}s = {100 * outside / step['seconds']:.1f}% of the step", "met": None})  # fmt: skip
         if shape.d >= LARGE_D and step:
-            out.append({"target": "step >= 85% of measured GEMM rate at d=2048", "shape": shape.name,
-                        "figure": f"{100 * step['fraction_of_gemm']:.0f}%" + (" effective (pruned)" if step["pruned"] else "")
-                        + (f"; raw faiss Lloyd {100 * faiss_['fraction_of_gemm']:.0f}%" if faiss_ else ""),
-                        "met": step["fraction_of_gemm"] >= 0.85})  # fmt: skip
+            pruned = " effective (pruned)" if step["pruned"] else ""
+            raw = f"; raw faiss Lloyd {100 * faiss_['fraction_of_gemm']:.0f}% / {100 * faiss_['fraction_of_gemm_cpu']:.0f}%" if faiss_ else ""
+            out.append({"target": "step >= 85% of measured GEMM rate at d=2048 (per wall s / per CPU s; verdict on CPU s)", "shape": shape.name,
+                        "figure": f"{100 * step['fraction_of_gemm']:.0f}% / {100 * step['fraction_of_gemm_cpu']:.0f}%{pruned}{raw}",
+                        "met": step["fraction_of_gemm_cpu"] >= 0.85})  # fmt: skip
         if shape.d >= LARGE_D and step and faiss_:
-            speed, gap = step["x_faiss"], step["objective"] / faiss_["objective"] - 1
-            out.append({"target": "step >= 1.3x VISSL's faiss.Kmeans, objective within 0.5%", "shape": shape.name,
-                        "figure": f"{speed:.2f}x (CPU s: {step['x_faiss_cpu']:.2f}x), objective {100 * gap:+.3f}%",
+            speed, gap = min(step["x_faiss"], step["x_faiss_cpu"]), step["objective"] / faiss_["objective"] - 1
+            out.append({"target": "step >= 1.3x VISSL's faiss.Kmeans, objective within 0.5% (verdict on the lower)", "shape": shape.name,
+                        "figure": f"{step['x_faiss']:.2f}x (CPU s: {step['x_faiss_cpu']:.2f}x), objective {100 * gap:+.3f}%",
                         "met": speed >= 1.3 and gap <= 0.005})  # fmt: skip
         if shape.d >= LARGE_D and step and faiss_:
             ratio = faiss_["projected_s"] / step["projected_s"]
             out.append({"target": f"(info) the same at ClusterFit's {PROJECT_ITERS} iterations, projected from the later iterations' times",
                         "shape": shape.name, "figure": f"{ratio:.2f}x", "met": None})  # fmt: skip
         if shape.d >= LARGE_D and torch_ and faiss_:
-            ratio = torch_["x_faiss"]
-            out.append({"target": "torch backend >= 0.9x faiss on CPU at d >= 2048", "shape": shape.name,
-                        "figure": f"{ratio:.2f}x (CPU s: {torch_['x_faiss_cpu']:.2f}x)", "met": ratio >= 0.9})  # fmt: skip
+            ratio = min(torch_["x_faiss"], torch_["x_faiss_cpu"])
+            out.append({"target": "torch backend >= 0.9x faiss on CPU at d >= 2048 (verdict on the lower)", "shape": shape.name,
+                        "figure": f"{torch_['x_faiss']:.2f}x (CPU s: {torch_['x_faiss_cpu']:.2f}x)", "met": ratio >= 0.9})  # fmt: skip
     return out
 
 
@@ -424,6 +427,8 @@ def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "seconds: median over repeats; x faiss: median over repeats of faiss-kmeans seconds / this method's, each pair from one",
         "repeat (x faiss (CPU s): the same with process CPU seconds, less disturbed by other load); objective: sum of squared distances",
         "to each row's labelled centroid on all N rows (float64); labels exact: sampled rows whose label is the nearest centroid.",
+        "% of GEMM: GFLOP per wall second / the best GEMM GFLOP/s, and GFLOP per CPU second / the GEMM's GFLOP per CPU second",
+        "(the second is not inflated when other processes take the cores while a method runs).",
         "",
         common.table(["target", "shape", "figure", "verdict"], [[t["target"], t["shape"], t["figure"], common.verdict(t["met"])] for t in targets(results)]),
     ]
@@ -448,7 +453,8 @@ def main(argv: list[str]) -> int:
     text = report(results, info)
     print(text)
     payload = {"machine": info, "shapes": results, "targets": targets(results), "wall_s": time.perf_counter() - started, "table": text}
-    print(f"\nwrote {common.write_json('cluster-quick' if args.quick else 'cluster', payload)}", file=sys.stderr)
+    name = "cluster-custom" if args.shapes or args.methods != METHODS else ("cluster-quick" if args.quick else "cluster")
+    print(f"\nwrote {common.write_json(name, payload)}", file=sys.stderr)
     return 0
 
 
