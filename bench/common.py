@@ -245,3 +245,11 @@ def write_json(script: str, payload: dict[str, Any], out_dir: Path = RESULTS) ->
 
 def verdict(met: bool | None) -> str:
     return "-" if met is None else ("met" if met else "MISSED")
+
+
+def publish(name: str, args: Any, info: dict[str, Any], summary: dict[str, Any], text: str, targets: list[dict[str, Any]]) -> None:
+    """Print the table and write the same figures as JSON (`<name>-quick.json` for --quick runs)."""
+    print(text)
+    payload = {"machine": info, "settings": vars(args), "methods": summary, "targets": targets, "table": text}
+    print(f"\nwrote {write_json(f'{name}-quick' if args.quick else name, payload)}", file=sys.stderr)
+

@@ -185,10 +185,7 @@ def main(argv: list[str]) -> int:
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         summary = summarise(bench(args, Path(tmp)))
-    text = report(summary, args, info)
-    print(text)
-    payload = {"machine": info, "settings": vars(args), "methods": summary, "targets": targets(summary), "table": text}
-    print(f"\nwrote {common.write_json('extract-quick' if args.quick else 'extract', payload)}", file=sys.stderr)
+    common.publish("extract", args, info, summary, report(summary, args, info), targets(summary))
     return 0
 
 

@@ -196,10 +196,7 @@ def main(argv: list[str]) -> int:
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         summary = summarise(bench(args, Path(tmp)))
-    text = report(summary, args, info)
-    print(text)
-    payload = {"machine": info, "settings": vars(args), "methods": summary, "targets": targets(summary), "table": text}
-    print(f"\nwrote {common.write_json('train-quick' if args.quick else 'train', payload)}", file=sys.stderr)
+    common.publish("train", args, info, summary, report(summary, args, info), targets(summary))
     return 0
 
 
