@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -232,6 +232,10 @@ class EvaluateConfig(Section):
     )
     KNN_K: int = Field(20, ge=1, description="Neighbours for kNN top-1 (cosine, temperature-weighted votes).")
     KNN_TEMPERATURE: float = Field(0.07, gt=0, description="kNN vote temperature.")
+    LOW_SHOT: list[Annotated[int, Field(ge=1)]] = Field(
+        [], description="Labelled TRAIN images per class for low-shot kNN top-1, one metric per entry (e.g. [1, 10]); [] for none."
+    )
+    LOW_SHOT_DRAWS: int = Field(20, ge=1, description="Random labelled subsets per low-shot entry (the same for every model); results are their mean.")
     LINEAR_EPOCHS: int = Field(100, ge=1, description="Epochs of the linear probe.")
     LINEAR_LR: float = Field(0.1, gt=0, description="Linear probe learning rate (SGD, cosine).")
     LINEAR_WEIGHT_DECAY: float = Field(1e-4, ge=0, description="Linear probe weight decay.")

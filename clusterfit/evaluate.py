@@ -5,8 +5,11 @@
 For each model (the starting model, the ClusterFit model, and the baselines: a randomly
 initialised trunk and raw pixels) and each layer in EVALUATE.LAYERS: kNN top-1 (cosine,
 temperature-weighted votes, k=KNN_K) and a linear probe's top-1 on frozen features, trained on
-TRAIN and measured on TEST. NMI and ARI of the cluster labels against ground truth. A difference
-is called real only when it exceeds twice its binomial standard error on the TEST set.
+TRAIN and measured on TEST; with EVALUATE.LOW_SHOT, kNN top-1 again with only n labelled TRAIN
+images per class (the mean over LOW_SHOT_DRAWS random subsets, the same subsets for every model),
+where a representation's quality shows long before full-data kNN saturates. NMI and ARI of the
+cluster labels against ground truth. A difference is called real only when it exceeds twice its
+standard error: the TEST set's binomial error, plus the spread over the draws for low-shot.
 Writes `eval/metrics.json` and the run report (`eval/report.html`, `eval/report.md`, PNGs).
 """
 
@@ -25,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clusterfit import artifacts, distributed, report
-from clusterfit.config import Config
+from clusterfit.config import Config, ConfigError
 from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
 from clusterfit.extract import forward_features, memory_format, starting_model
 from clusterfit.layout import EVAL, TRAIN, cluster_folder, start_weights
@@ -62,12 +65,14 @@ def run(cfg: Config) -> EvalResult:
     train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
     test_set = build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS))
     y_train, y_test = ground_truth(train_set, "TRAIN"), ground_truth(test_set, "TEST")
+    subsets = low_shot_subsets(y_train, cfg.EVALUATE.LOW_SHOT, cfg.EVALUATE.LOW_SHOT_DRAWS, cfg.EXPERIMENT.SEED)
     # Features of every model on both splits, then the probes.
     rows = []
     for name, model in models(cfg, store, start).items():
         for layer, (x_train, x_test) in features(cfg, model, train_set, test_set, dist.device).items():
-            rows.append(probe(cfg, name, layer, x_train, y_train, x_test, y_test))
-            log.info("evaluate %s/%s: kNN top-1 %.2f%%, linear top-1 %.2f%%", name, layer, rows[-1]["knn_top1"], rows[-1]["linear_top1"])
+            rows.append(probe(cfg, name, layer, (x_train, y_train), (x_test, y_test), subsets))
+            low = "".join(f", {n}-shot kNN {v['top1']:.2f}%" for n, v in rows[-1]["low_shot"].items())
+            log.info("evaluate %s/%s: kNN top-1 %.2f%%%s, linear top-1 %.2f%%", name, layer, rows[-1]["knn_top1"], low, rows[-1]["linear_top1"])
     metrics = {
         "rows": rows,
         "clusters": cluster_agreement(store, cfg, cluster_manifest, y_train, y_test),
@@ -84,9 +89,17 @@ def run(cfg: Config) -> EvalResult:
     return EvalResult(EVAL, False, metrics)
 
 
+def preflight(cfg: Config) -> None:
+    """What `clusterfit run` checks before its first step, so evaluate cannot fail on its settings after hours of training."""
+    y_train = ground_truth(build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS)), "TRAIN")
+    ground_truth(build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS)), "TEST")
+    low_shot_subsets(y_train, cfg.EVALUATE.LOW_SHOT, 1, cfg.EXPERIMENT.SEED)
+
+
 def ground_truth(dataset: ImageDataset, partition: str) -> np.ndarray:
     if dataset.source.targets is None:
-        raise ValueError(f"DATA.{partition}: evaluation needs ground-truth labels, and this dataset has none")
+        raise ConfigError(f"DATA.{partition}: the evaluate step needs ground-truth labels, and this dataset has none "
+                          "(drop evaluate from PIPELINE.STEPS)")  # fmt: skip
     return np.asarray(dataset.source.targets, dtype=np.int64)
 
 
@@ -129,12 +142,30 @@ def in_memory(cfg: Config, model: Network | None, dataset: ImageDataset, layers:
     return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
 
 
-def probe(cfg: Config, model: str, layer: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:
+def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: int) -> dict[int, list[np.ndarray]]:
+    """{n: `draws` sorted index sets holding n TRAIN images of every class}; fails before any work if a class is short."""
+    classes, counts = np.unique(y_train, return_counts=True)
+    for n in shots:
+        if (short := np.flatnonzero(counts < n)).size:
+            raise ConfigError(f"EVALUATE.LOW_SHOT: {n} labelled images per class asked for, but class {classes[short[0]]} has "
+                              f"{counts[short[0]]} in DATA.TRAIN ({short.size} classes have fewer than {n})")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(y_train == c) for c in classes]
+    return {n: [np.sort(np.concatenate([rng.choice(m, n, replace=False) for m in members])) for _ in range(draws)] for n in shots}
+
+
+def probe(cfg: Config, model: str, layer: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+          subsets: dict[int, list[np.ndarray]]) -> dict[str, Any]:  # fmt: skip
     e = cfg.EVALUATE
+    (x_train, y_train), (x_test, y_test) = train, test
     knn = knn_top1(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE)
+    low_shot = {}
+    for n, sets in subsets.items():
+        per_draw = [knn_top1(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE) for s in sets]
+        low_shot[str(n)] = {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}
     torch.manual_seed(cfg.EXPERIMENT.SEED)
     linear = linear_probe_top1(x_train, y_train, x_test, y_test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY)
-    return {"model": model, "layer": layer, "dim": int(x_train.shape[1]), "knn_top1": knn, "linear_top1": linear}
+    return {"model": model, "layer": layer, "dim": int(x_train.shape[1]), "knn_top1": knn, "low_shot": low_shot, "linear_top1": linear}
 
 
 def knn_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int, temperature: float) -> float:
@@ -189,8 +220,19 @@ def cluster_agreement(store: Store, cfg: Config, manifest: dict[str, Any], y_tra
     return out
 
 
+def metric_values(row: dict[str, Any]) -> dict[str, tuple[float, list[float]]]:
+    """metric name -> (top-1 %, per-draw values; [] when there is one value)."""
+    out: dict[str, tuple[float, list[float]]] = {"knn_top1": (row["knn_top1"], [])}
+    out |= {f"knn_{n}shot_top1": (v["top1"], v["per_draw"]) for n, v in row.get("low_shot", {}).items()}
+    return out | {"linear_top1": (row["linear_top1"], [])}
+
+
 def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
-    """ClusterFit vs. the starting model per layer and metric, with a 2-standard-error noise band."""
+    """ClusterFit vs. the starting model per layer and metric, with a 2-standard-error noise band.
+
+    The error of a difference: the binomial error of both top-1s on n_test images, and for low-shot
+    metrics also the standard error of the mean of the paired per-draw differences (same subsets).
+    """
     by_key = {(r["model"], r["layer"]): r for r in rows}
     reference = "start" if any(r["model"] == "start" for r in rows) else "random"
     out = []
@@ -198,11 +240,16 @@ def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
         base = by_key.get((reference, layer))
         if model != "clusterfit" or base is None:
             continue
-        for metric in ("knn_top1", "linear_top1"):
-            p1, p2 = base[metric] / 100.0, row[metric] / 100.0
-            noise = 200.0 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(n_test, 1))
-            delta = row[metric] - base[metric]
+        ours, theirs = metric_values(row), metric_values(base)
+        for metric, (value, draws) in ours.items():
+            ref_value, ref_draws = theirs[metric]
+            p1, p2 = ref_value / 100.0, value / 100.0
+            variance = (p1 * (1 - p1) + p2 * (1 - p2)) / max(n_test, 1) * 1e4
+            if len(draws) > 1:
+                variance += float(np.var(np.subtract(draws, ref_draws), ddof=1)) / len(draws)
+            noise = 2.0 * math.sqrt(variance)
+            delta = value - ref_value
             verdict = "better" if delta > noise else "worse" if delta < -noise else "within noise"
-            out.append({"layer": layer, "metric": metric, "reference": reference, "reference_value": base[metric],
-                        "clusterfit": row[metric], "delta": delta, "noise_2se": noise, "verdict": verdict})  # fmt: skip
+            out.append({"layer": layer, "metric": metric, "reference": reference, "reference_value": ref_value,
+                        "clusterfit": value, "delta": delta, "noise_2se": noise, "verdict": verdict})  # fmt: skip
     return out

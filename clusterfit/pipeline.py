@@ -39,6 +39,8 @@ def step_skipped(result: object) -> bool:
 def run_pipeline(cfg: Config) -> PipelineResult:
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     log.info("run: experiment %s, steps %s, artifacts at %s", cfg.EXPERIMENT.NAME, " -> ".join(cfg.PIPELINE.STEPS), store.uri())
+    if "evaluate" in cfg.PIPELINE.STEPS:
+        importlib.import_module("clusterfit.evaluate").preflight(cfg)
     result = PipelineResult()
     for step in cfg.PIPELINE.STEPS:
         started = time.perf_counter()
@@ -55,5 +57,5 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         result.report_uri = store.uri(f"{EVAL}/report.html")
         print(f"Report: {result.report_uri}")
         summary = store.get_bytes(f"{EVAL}/report.md").decode().split("## Evaluation")[0]
-        print("\n".join(line for line in summary.splitlines() if line.startswith("- ")))
+        print("\n".join(line for line in summary.splitlines() if line.startswith(("- ", "Summary: "))))
     return result

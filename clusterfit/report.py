@@ -99,16 +99,38 @@ def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def metric_title(metric: str) -> str:
+    """knn_top1 -> "kNN top-1", knn_10shot_top1 -> "kNN 10-shot top-1", linear_top1 -> "linear top-1"."""
+    name = metric.removesuffix("_top1")
+    if name.endswith("shot"):
+        return f"kNN {name.removeprefix('knn_').removesuffix('shot')}-shot top-1"
+    return {"knn": "kNN top-1", "linear": "linear top-1"}.get(name, name)
+
+
 def table_md(metrics: dict[str, Any]) -> list[str]:
-    lines = ["| model | layer | dim | kNN top-1 (%) | linear top-1 (%) |", "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['model']} | {r['layer']} | {r['dim']} | {r['knn_top1']:.2f} | {r['linear_top1']:.2f} |" for r in metrics["rows"]]
+    shots = list(metrics["rows"][0].get("low_shot", {})) if metrics["rows"] else []
+    head = ["model", "layer", "dim", "kNN top-1 (%)", *(f"kNN {n}-shot top-1 (%)" for n in shots), "linear top-1 (%)"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for r in metrics["rows"]:
+        low = [f"{r['low_shot'][n]['top1']:.2f} ± {r['low_shot'][n]['std']:.1f}" for n in shots]
+        lines.append("| " + " | ".join([r["model"], r["layer"], str(r["dim"]), f"{r['knn_top1']:.2f}", *low, f"{r['linear_top1']:.2f}"]) + " |")
     return lines
+
+
+def verdict_summary(metrics: dict[str, Any]) -> str:
+    """One line: how many metrics went which way."""
+    comparison = metrics["comparison"]
+    if not comparison:
+        return "No starting model or ClusterFit row to compare."
+    count = {v: sum(c["verdict"] == v for c in comparison) for v in ("better", "worse", "within noise")}
+    return (f"Summary: ClusterFit vs. {comparison[0]['reference']} is better on {count['better']} of {len(comparison)} metrics, "
+            f"worse on {count['worse']}, within noise on {count['within noise']}.")  # fmt: skip
 
 
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
     lines = []
     for c in metrics["comparison"]:
-        name = "kNN top-1" if c["metric"] == "knn_top1" else "linear top-1"
+        name = metric_title(c["metric"])
         lines.append(
             f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} {c['reference_value']:.2f}% "
             f"({c['delta']:+.2f} points; noise band ±{c['noise_2se']:.2f}): **{c['verdict']}**"
@@ -120,8 +142,11 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
     parts = [f"# ClusterFit report: {cfg.EXPERIMENT.NAME}", "",
              f"Starting weights: `{metrics['start_weights']}`; K={cfg.CLUSTERFIT.NUM_CLUSTERS} clusters of `{cfg.CLUSTERFIT.FEATURES.LAYER_NAME}`; "
              f"{metrics['n_train']} training and {metrics['n_test']} test images.", "",
-             "## Did ClusterFit beat the features it started from?", "", *verdict_lines(metrics), "",
-             "A difference counts only beyond twice its binomial standard error on the test set; inside that band it is within seed noise.", "",
+             "## Did ClusterFit beat the features it started from?", "", verdict_summary(metrics), "", *verdict_lines(metrics), "",
+             "A difference counts only beyond twice its standard error (the test set's binomial error, and for low-shot kNN also the spread "
+             "of the paired differences over the random labelled subsets); inside that band it is within seed noise.", "",
+             *(["Low-shot columns: mean ± standard deviation over the random labelled subsets of n TRAIN images per class."]
+               if any(r.get("low_shot") for r in metrics["rows"]) else []), "",
              "## Evaluation", "", *table_md(metrics), ""]  # fmt: skip
     for split, values in metrics["clusters"].items():
         parts.append(f"Cluster labels vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}")
