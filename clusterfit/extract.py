@@ -8,7 +8,8 @@ Writes `features/<split>/<layer>/part-<rank>-<chunk>.npy` (float32, n x D) with 
 (int64 dataset indices). The dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive
 indices; chunk c belongs to rank c % world_size, so every index is extracted exactly once, with
 no padding. Memory holds one chunk. A chunk is done when its marker `_chunks/chunk-<c>.json`
-exists; a restarted extraction skips those. Rank 0 publishes `_SUCCESS.json` after all chunks.
+exists and carries this config's fingerprint: a restarted extraction skips those, and one with
+other weights, transforms or data redoes them. Rank 0 publishes `_SUCCESS.json` after all chunks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_
 from clusterfit.layout import StartWeights, features_folder, start_weights
 from clusterfit.models import Network, build_network, pool_features
 from clusterfit.runtime import progress
-from clusterfit.storage import Store, array_to_bytes, open_store
+from clusterfit.storage import NotFound, Store, array_to_bytes, open_store
 from clusterfit.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def run(cfg: Config) -> ExtractResult:
         if model is None:
             model = starting_model(cfg, start).to(dist.device).to(memory_format=memory_format(cfg)).eval()
         dataset = build_dataset(cfg, partition, eval_transform(cfg.DATA.TRANSFORMS))
-        result.chunks_computed += extract_chunks(cfg, store, folder, model, dataset, layers, dist)
+        result.chunks_computed += extract_chunks(cfg, store, folder, fp, model, dataset, layers, dist)
         distributed.barrier()
         if dist.is_main:
             publish(cfg, store, folder, partition, fp, start, layers, len(dataset))
@@ -132,13 +133,13 @@ def chunk_batches(chunks: list[int], chunk_size: int, total: int, batch_size: in
 
 
 def extract_chunks(
-    cfg: Config, store: Store, folder: str, model: Network, dataset: ImageDataset, layers: list[str], dist: distributed.Dist
+    cfg: Config, store: Store, folder: str, fp: str, model: Network, dataset: ImageDataset, layers: list[str], dist: distributed.Dist
 ) -> int:
-    """Extract this rank's unfinished chunks; returns how many were computed."""
+    """Extract this rank's unfinished chunks (no marker, or a marker of another config); returns how many were computed."""
     size, total = cfg.EXTRACT.CHUNK_SIZE, len(dataset)
     num_chunks = math.ceil(total / size)
     mine = [c for c in range(num_chunks) if c % dist.world_size == dist.rank]
-    todo = [c for c in mine if not store.exists(marker_key(folder, c))]
+    todo = [c for c in mine if not chunk_done(store, folder, c, fp)]
     if len(todo) < len(mine):
         log.info("extract: %d of this rank's %d chunks already done; resuming at chunk %d", len(mine) - len(todo), len(mine), todo[0] if todo else -1)
     batches = chunk_batches(todo, size, total, cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
@@ -152,7 +153,7 @@ def extract_chunks(
         pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
         expected = min((chunk + 1) * size, total) - chunk * size
         if sum(len(b[0]) for b in pending[chunk]) == expected:
-            write_chunk(store, folder, chunk, dist.rank, layers, pending.pop(chunk))
+            write_chunk(store, folder, fp, chunk, dist.rank, layers, pending.pop(chunk))
     return len(todo)
 
 
@@ -160,7 +161,16 @@ def marker_key(folder: str, chunk: int) -> str:
     return f"{folder}/_chunks/chunk-{chunk:06d}.json"
 
 
-def write_chunk(store: Store, folder: str, chunk: int, rank: int, layers: list[str], batches: list[Any]) -> None:
+def chunk_done(store: Store, folder: str, chunk: int, fp: str) -> bool:
+    """Whether the chunk's marker exists and was written for this fingerprint (not by a run of another config)."""
+    try:
+        marker = json.loads(store.get_bytes(marker_key(folder, chunk)))
+    except NotFound:
+        return False
+    return bool(marker.get("fingerprint") == fp)
+
+
+def write_chunk(store: Store, folder: str, fp: str, chunk: int, rank: int, layers: list[str], batches: list[Any]) -> None:
     """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done)."""
     index = np.concatenate([b[0] for b in batches]).astype(np.int64)
     ok = np.concatenate([b[1] for b in batches]).astype(bool)
@@ -174,7 +184,7 @@ def write_chunk(store: Store, folder: str, chunk: int, rank: int, layers: list[s
             data = array_to_bytes(array)
             store.put_bytes(f"{folder}/{name}", data)
             files[name] = {"size": len(data), "sha256": artifacts.sha256_bytes(data), "shape": list(array.shape), "dtype": array.dtype.str}
-    marker = {"chunk": chunk, "rank": rank, "files": files, "count": int(ok.sum()), "skipped": index[~ok].tolist()}
+    marker = {"chunk": chunk, "rank": rank, "fingerprint": fp, "files": files, "count": int(ok.sum()), "skipped": index[~ok].tolist()}
     store.put_bytes(marker_key(folder, chunk), json.dumps(marker).encode())
 
 
@@ -186,6 +196,8 @@ def publish(cfg: Config, store: Store, folder: str, partition: str, fp: str, sta
     dims: dict[str, int] = {}
     for chunk in range(num_chunks):
         marker = json.loads(store.get_bytes(marker_key(folder, chunk)))
+        if marker.get("fingerprint") != fp:
+            raise artifacts.ArtifactError(f"{store.uri(marker_key(folder, chunk))}: written for another config or input; rerun extract")
         ledger.files.update(marker["files"])
         skipped += marker["skipped"]
         for name, entry in marker["files"].items():
