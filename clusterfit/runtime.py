@@ -87,6 +87,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler._clusterfit = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # faiss logs each instruction-set build it tries, failures included, at INFO: noise, not news.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def progress(items: Iterable[T], total: int, desc: str, interval_s: float = 30.0, unit: str = "it") -> Iterator[T]:
