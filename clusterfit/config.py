@@ -239,6 +239,7 @@ class EvaluateConfig(Section):
     LINEAR_EPOCHS: int = Field(100, ge=1, description="Epochs of the linear probe.")
     LINEAR_LR: float = Field(0.1, gt=0, description="Linear probe learning rate (SGD, cosine).")
     LINEAR_WEIGHT_DECAY: float = Field(1e-4, ge=0, description="Linear probe weight decay.")
+    PIXELS_SIZE: int = Field(32, ge=1, description="Raw-pixel baseline: images average-pooled to at most this many pixels a side.")
     BASELINES: list[Literal["random", "pixels"]] = Field(
         ["random", "pixels"], description="Reference rows: a randomly initialised trunk, raw pixels."
     )

@@ -37,6 +37,7 @@ from clusterfit.storage import Store, open_store
 from clusterfit.weights import load_weights
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -70,7 +71,7 @@ def run(cfg: Config) -> EvalResult:
     rows = []
     for name, model in models(cfg, store, start).items():
         for layer, (x_train, x_test) in features(cfg, model, train_set, test_set, dist.device).items():
-            rows.append(probe(cfg, name, layer, (x_train, y_train), (x_test, y_test), subsets))
+            rows.append(probe(cfg, name, layer, (x_train, y_train), (x_test, y_test), subsets, dist.device))
             low = "".join(f", {n}-shot kNN {v['top1']:.2f}%" for n, v in rows[-1]["low_shot"].items())
             log.info("evaluate %s/%s: kNN top-1 %.2f%%%s, linear top-1 %.2f%%", name, layer, rows[-1]["knn_top1"], low, rows[-1]["linear_top1"])
     metrics = {
@@ -135,11 +136,20 @@ def in_memory(cfg: Config, model: Network | None, dataset: ImageDataset, layers:
     parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for images, _, _ in loader:
         if model is None:
-            parts["pixels"].append(images.flatten(1).numpy())
+            parts["pixels"].append(pixel_features(images, cfg.EVALUATE.PIXELS_SIZE))
             continue
         for layer, array in forward_features(model, images.to(device), layers, cfg.EXTRACT.POOL_SIZE, memory_format(cfg)).items():
             parts[layer].append(array)
     return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
+
+
+def pixel_features(images: torch.Tensor, size: int) -> np.ndarray:
+    """(B, C, H, W) -> float32 (B, C * h * w), h, w <= size: the raw-pixel baseline, average-pooled so
+    that it stays small at any image size (3 x 224 x 224 pixels would be 150,528 dims per image)."""
+    height, width = images.shape[-2:]
+    if max(height, width) > size:
+        images = F.adaptive_avg_pool2d(images, (min(size, height), min(size, width)))
+    return images.flatten(1).float().numpy()
 
 
 def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: int) -> dict[int, list[np.ndarray]]:
@@ -155,55 +165,57 @@ def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: in
 
 
 def probe(cfg: Config, model: str, layer: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-          subsets: dict[int, list[np.ndarray]]) -> dict[str, Any]:  # fmt: skip
+          subsets: dict[int, list[np.ndarray]], device: torch.device) -> dict[str, Any]:  # fmt: skip
     e = cfg.EVALUATE
     (x_train, y_train), (x_test, y_test) = train, test
-    knn = knn_top1(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE)
+    knn = knn_top1(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device)
     low_shot = {}
     for n, sets in subsets.items():
-        per_draw = [knn_top1(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE) for s in sets]
+        per_draw = [knn_top1(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device) for s in sets]
         low_shot[str(n)] = {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}
     torch.manual_seed(cfg.EXPERIMENT.SEED)
-    linear = linear_probe_top1(x_train, y_train, x_test, y_test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY)
+    linear = linear_probe_top1(x_train, y_train, x_test, y_test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY, device)
     return {"model": model, "layer": layer, "dim": int(x_train.shape[1]), "knn_top1": knn, "low_shot": low_shot, "linear_top1": linear}
 
 
-def knn_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int, temperature: float) -> float:
-    """Top-1 (%) of a cosine kNN with exp(sim / T)-weighted votes (Wu et al. 2018, as in DINO)."""
-    bank = F.normalize(torch.from_numpy(x_train).float(), dim=1)
-    queries = F.normalize(torch.from_numpy(x_test).float(), dim=1)
-    labels = torch.from_numpy(y_train)
+def knn_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int, temperature: float,
+             device: torch.device = CPU) -> float:  # fmt: skip
+    """Top-1 (%) of a cosine kNN with exp(sim / T)-weighted votes (Wu et al. 2018, as in DINO); queries in blocks of 1024."""
+    bank = F.normalize(torch.from_numpy(x_train).float().to(device), dim=1)
+    queries = F.normalize(torch.from_numpy(x_test).float().to(device), dim=1)
+    labels = torch.from_numpy(y_train).to(device)
     classes = int(max(y_train.max(), y_test.max())) + 1
     k = min(k, len(bank))
     correct = 0
     for start in range(0, len(queries), 1024):
         sims, idx = (queries[start : start + 1024] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1).numpy() == y_test[start : start + 1024]).sum())
+        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, labels[idx], (sims / temperature).exp())
+        correct += int((votes.argmax(1).cpu().numpy() == y_test[start : start + 1024]).sum())
     return 100.0 * correct / len(y_test)
 
 
-def linear_probe_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, lr: float, wd: float) -> float:
+def linear_probe_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, lr: float, wd: float,
+                      device: torch.device = CPU) -> float:  # fmt: skip
     """Top-1 (%) of a linear classifier (SGD, cosine LR) on standardised frozen features."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    xtr = torch.from_numpy((x_train - mean) / std).float()
-    xte = torch.from_numpy((x_test - mean) / std).float()
-    ytr = torch.from_numpy(y_train)
-    head = nn.Linear(xtr.shape[1], int(max(y_train.max(), y_test.max())) + 1)
+    xtr = torch.from_numpy((x_train - mean) / std).float().to(device)
+    xte = torch.from_numpy((x_test - mean) / std).float().to(device)
+    ytr = torch.from_numpy(y_train).to(device)
+    head = nn.Linear(xtr.shape[1], int(max(y_train.max(), y_test.max())) + 1).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     steps_per_epoch = math.ceil(len(xtr) / 256)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     for _ in range(epochs):
         order = torch.randperm(len(xtr))
         for start in range(0, len(xtr), 256):
-            batch = order[start : start + 256]
+            batch = order[start : start + 256].to(device)
             loss = F.cross_entropy(head(xtr[batch]), ytr[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
     with torch.no_grad():
-        return 100.0 * float((head(xte).argmax(1).numpy() == y_test).mean())
+        return 100.0 * float((head(xte).argmax(1).cpu().numpy() == y_test).mean())
 
 
 def cluster_agreement(store: Store, cfg: Config, manifest: dict[str, Any], y_train: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from clusterfit.config import ConfigError
-from clusterfit.evaluate import compare, knn_top1, low_shot_subsets
+from clusterfit.evaluate import compare, knn_top1, low_shot_subsets, pixel_features
 from tests.conftest import cli, tiny_overrides
 
 
@@ -76,3 +77,13 @@ def test_run_refuses_a_low_shot_count_the_data_cannot_give_before_any_step(tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "EVALUATE.LOW_SHOT: 40 labelled images per class asked for" in proc.stderr and "Traceback" not in proc.stderr
     assert not (root / "pretrain").exists()
+
+
+def test_the_pixel_baseline_stays_small_at_any_image_size() -> None:
+    small = torch.rand(3, 3, 16, 16)
+    np.testing.assert_array_equal(pixel_features(small, 32), small.flatten(1).numpy())  # at or under the size: untouched
+    large = torch.rand(2, 3, 224, 160)
+    pooled = pixel_features(large, 32)
+    assert pooled.shape == (2, 3 * 32 * 32) and pooled.dtype == np.float32
+    block = large[0, 1, 7 * 7 : 8 * 7, 5 * 5 : 6 * 5].mean()  # 224/32 = 7 rows, 160/32 = 5 columns per output pixel
+    assert pooled[0].reshape(3, 32, 32)[1, 7, 5] == pytest.approx(float(block), rel=1e-5)
