@@ -122,17 +122,17 @@ def test_killed_extraction_resumes_at_the_first_unfinished_chunk(tmp_path: Path,
 
 
 def test_a_changed_config_redoes_the_chunks_a_finished_extraction_left(tmp_path: Path) -> None:
-    small = ("config.EXTRACT.PARTITIONS=[TRAIN]", "config.DATA.TRAIN.DATA_LIMIT=512")
+    small = ("config.EXTRACT.PARTITIONS=[TRAIN]", "config.DATA.TRAIN.DATA_LIMIT=192", "config.EXTRACT.CHUNK_SIZE=64")
     root, fresh = tmp_path / "changed", tmp_path / "fresh"
     run_ok("extract", *step1(root, *small))
     _, before = features_from_disk(root, "train", "res5")
     other = "config.DATA.TRANSFORMS.MEAN=[0.3,0.3,0.3]"  # same chunks, other features
     again = run_ok("extract", *step1(root, *small, other))
-    assert "already done" not in again.stderr and "published 512 images" in again.stderr
+    assert "already done" not in again.stderr and "published 192 images" in again.stderr and "in 3 chunks" in again.stderr
     run_ok("extract", *step1(fresh, *small, other))
     index, after = features_from_disk(root, "train", "res5")
     _, expected = features_from_disk(fresh, "train", "res5")
-    assert np.array_equal(index, np.arange(512)) and not np.allclose(after, before)
+    assert np.array_equal(index, np.arange(192)) and not np.allclose(after, before)
     np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-6)
 
 
