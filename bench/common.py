@@ -247,6 +247,25 @@ def verdict(met: bool | None) -> str:
     return "-" if met is None else ("met" if met else "MISSED")
 
 
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    """The target / figure / verdict table that closes each model benchmark's report."""
+    return table(["target", "figure", "verdict"], [[t["target"], t["figure"], verdict(t["met"])] for t in targets])
+
+
+def model_parser(doc: str | None, quick_help: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The flags the model benchmarks (extract, train) share; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", nargs="*", default=methods, choices=methods)
+    return parser
+
+
 def publish(name: str, args: Any, info: dict[str, Any], summary: dict[str, Any], text: str, targets: list[dict[str, Any]]) -> None:
     """Print the table and write the same figures as JSON (`<name>-quick.json` for --quick runs)."""
     print(text)

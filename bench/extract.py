@@ -162,23 +162,15 @@ def report(summary: dict[str, dict[str, Any]], args: argparse.Namespace, info: d
         "",
         common.table(columns, rows),
         "",
-        common.table(["target", "figure", "verdict"], [[t["target"], t["figure"], common.verdict(t["met"])] for t in targets(summary)]),
+        common.targets_table(targets(summary)),
     ])  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
     if common.child_main(CHILDREN, argv):
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32 px, chunk 64, one repeat")
-    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = common.model_parser(__doc__, "a smoke run: 32 px, chunk 64, one repeat", METHODS)
     parser.add_argument("--chunk", type=int, default=256, help="EXTRACT.CHUNK_SIZE, and the 1x dataset size")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.chunk, args.repeats = 32, 64, 1

@@ -172,24 +172,16 @@ def report(summary: dict[str, dict[str, Any]], args: argparse.Namespace, info: d
         "",
         common.table(["method", "img/s", "x plain", "each repeat", "peak RSS MB"], rows),
         "",
-        common.table(["target", "figure", "verdict"], [[t["target"], t["figure"], common.verdict(t["met"])] for t in targets(summary)]),
+        common.targets_table(targets(summary)),
     ])  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
     if common.child_main(CHILDREN, argv):
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32 px, 3 steps, one repeat")
-    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = common.model_parser(__doc__, "a smoke run: 32 px, 3 steps, one repeat", METHODS)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.steps, args.repeats = 32, 3, 1
