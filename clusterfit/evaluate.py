@@ -94,7 +94,7 @@ def preflight(cfg: Config) -> None:
     """What `clusterfit run` checks before its first step, so evaluate cannot fail on its settings after hours of training."""
     y_train = ground_truth(build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS)), "TRAIN")
     ground_truth(build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS)), "TEST")
-    low_shot_subsets(y_train, cfg.EVALUATE.LOW_SHOT, 1, cfg.EXPERIMENT.SEED)
+    check_low_shot(y_train, cfg.EVALUATE.LOW_SHOT)
 
 
 def ground_truth(dataset: ImageDataset, partition: str) -> np.ndarray:
@@ -152,15 +152,20 @@ def pixel_features(images: torch.Tensor, size: int) -> np.ndarray:
     return images.flatten(1).float().numpy()
 
 
-def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: int) -> dict[int, list[np.ndarray]]:
-    """{n: `draws` sorted index sets holding n TRAIN images of every class}; fails before any work if a class is short."""
+def check_low_shot(y_train: np.ndarray, shots: list[int]) -> None:
+    """A ConfigError naming the first class with fewer TRAIN images than a LOW_SHOT entry asks for."""
     classes, counts = np.unique(y_train, return_counts=True)
     for n in shots:
         if (short := np.flatnonzero(counts < n)).size:
             raise ConfigError(f"EVALUATE.LOW_SHOT: {n} labelled images per class asked for, but class {classes[short[0]]} has "
                               f"{counts[short[0]]} in DATA.TRAIN ({short.size} classes have fewer than {n})")  # fmt: skip
+
+
+def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: int) -> dict[int, list[np.ndarray]]:
+    """{n: `draws` sorted index sets holding n TRAIN images of every class}; fails before any work if a class is short."""
+    check_low_shot(y_train, shots)
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(y_train == c) for c in classes]
+    members = [np.flatnonzero(y_train == c) for c in np.unique(y_train)]
     return {n: [np.sort(np.concatenate([rng.choice(m, n, replace=False) for m in members])) for _ in range(draws)] for n in shots}
 
 
@@ -232,11 +237,11 @@ def cluster_agreement(store: Store, cfg: Config, manifest: dict[str, Any], y_tra
     return out
 
 
-def metric_values(row: dict[str, Any]) -> dict[str, tuple[float, list[float]]]:
-    """metric name -> (top-1 %, per-draw values; [] when there is one value)."""
-    out: dict[str, tuple[float, list[float]]] = {"knn_top1": (row["knn_top1"], [])}
-    out |= {f"knn_{n}shot_top1": (v["top1"], v["per_draw"]) for n, v in row.get("low_shot", {}).items()}
-    return out | {"linear_top1": (row["linear_top1"], [])}
+def metric_values(row: dict[str, Any]) -> dict[str, tuple[int | None, float, list[float]]]:
+    """metric name -> (labelled images per class or None for all, top-1 %, per-draw values; [] when there is one value)."""
+    out: dict[str, tuple[int | None, float, list[float]]] = {"knn_top1": (None, row["knn_top1"], [])}
+    out |= {f"knn_{n}shot_top1": (int(n), v["top1"], v["per_draw"]) for n, v in row.get("low_shot", {}).items()}
+    return out | {"linear_top1": (None, row["linear_top1"], [])}
 
 
 def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
@@ -253,8 +258,8 @@ def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
         if model != "clusterfit" or base is None:
             continue
         ours, theirs = metric_values(row), metric_values(base)
-        for metric, (value, draws) in ours.items():
-            ref_value, ref_draws = theirs[metric]
+        for metric, (shots, value, draws) in ours.items():
+            _, ref_value, ref_draws = theirs[metric]
             p1, p2 = ref_value / 100.0, value / 100.0
             variance = (p1 * (1 - p1) + p2 * (1 - p2)) / max(n_test, 1) * 1e4
             if len(draws) > 1:
@@ -262,6 +267,6 @@ def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
             noise = 2.0 * math.sqrt(variance)
             delta = value - ref_value
             verdict = "better" if delta > noise else "worse" if delta < -noise else "within noise"
-            out.append({"layer": layer, "metric": metric, "reference": reference, "reference_value": ref_value,
+            out.append({"layer": layer, "metric": metric, "shots": shots, "reference": reference, "reference_value": ref_value,
                         "clusterfit": value, "delta": delta, "noise_2se": noise, "verdict": verdict})  # fmt: skip
     return out

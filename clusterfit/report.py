@@ -99,14 +99,6 @@ def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def metric_title(metric: str) -> str:
-    """knn_top1 -> "kNN top-1", knn_10shot_top1 -> "kNN 10-shot top-1", linear_top1 -> "linear top-1"."""
-    name = metric.removesuffix("_top1")
-    if name.endswith("shot"):
-        return f"kNN {name.removeprefix('knn_').removesuffix('shot')}-shot top-1"
-    return {"knn": "kNN top-1", "linear": "linear top-1"}.get(name, name)
-
-
 def table_md(metrics: dict[str, Any]) -> list[str]:
     shots = list(metrics["rows"][0].get("low_shot", {})) if metrics["rows"] else []
     head = ["model", "layer", "dim", "kNN top-1 (%)", *(f"kNN {n}-shot top-1 (%)" for n in shots), "linear top-1 (%)"]
@@ -130,7 +122,7 @@ def verdict_summary(metrics: dict[str, Any]) -> str:
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
     lines = []
     for c in metrics["comparison"]:
-        name = metric_title(c["metric"])
+        name = f"kNN {c['shots']}-shot top-1" if c.get("shots") else "linear top-1" if c["metric"] == "linear_top1" else "kNN top-1"
         lines.append(
             f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} {c['reference_value']:.2f}% "
             f"({c['delta']:+.2f} points; noise band ±{c['noise_2se']:.2f}): **{c['verdict']}**"

@@ -61,7 +61,7 @@ def test_a_low_shot_difference_counts_only_beyond_the_spread_of_its_paired_draws
         by_metric = {c["metric"]: c for c in result}
         assert sorted(by_metric) == ["knn_10shot_top1", "knn_top1", "linear_top1"]
         low = by_metric["knn_10shot_top1"]
-        assert low["delta"] == pytest.approx(6.0) and low["verdict"] == verdict, low
+        assert low["delta"] == pytest.approx(6.0) and low["verdict"] == verdict and low["shots"] == 10, low
         assert by_metric["knn_top1"]["verdict"] == "within noise"
 
 
