@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ CPU = torch.device("cpu")
 class EvalResult:
     folder: str
     skipped: bool
-    metrics: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = field(default=None, repr=False)  # in eval/metrics.json; too long for a log line
 
 
 def run(cfg: Config) -> EvalResult:
