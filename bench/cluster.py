@@ -5,7 +5,7 @@
     python bench/cluster.py --shapes 100000x128x1000:10:3     # N x D x K : iterations : repeats
 
 Methods, each in its own process (peak memory is its own), interleaved and rotated per repeat:
-- `cluster-step`: `clusterfit.cluster.run(cfg)` from published features (parts of 4096 rows
+- `cluster-step`: `clusterfit.steps.cluster.run(cfg)` from published features (parts of 4096 rows
   under a file:// root in a temp dir) to published labels: read and verify the parts, L2-normalise,
   train (faiss, ALGORITHM auto: SuperKMeans at d >= 1024, else Lloyd), assign every row, publish.
 - `faiss-kmeans`: VISSL's configuration: `faiss.Kmeans(d, K, niter, seed).train(x)` (plain Lloyd)
@@ -110,8 +110,10 @@ def step_config(root: Path, shape: Shape) -> Any:
 
 def publish_features(root: Path, shape: Shape, x: np.ndarray) -> None:
     """x as extract would have published it: parts of PART_ROWS rows with their indices, a manifest."""
-    from clusterfit import artifacts, extract
-    from clusterfit.layout import features_folder, start_weights
+    from clusterfit import artifacts
+    from clusterfit.artifacts.layout import features_folder, index_name, part_name
+    from clusterfit.artifacts.lineage import start_weights
+    from clusterfit.steps import extract
     from clusterfit.storage import open_store
 
     cfg = step_config(root, shape)
@@ -119,14 +121,25 @@ def publish_features(root: Path, shape: Shape, x: np.ndarray) -> None:
     ledger = artifacts.Ledger(store, features_folder("TRAIN"))
     chunks = range(0, len(x), PART_ROWS)
     for chunk, start in enumerate(chunks):
-        stem = f"{LAYER}/part-00000-{chunk:06d}"
-        ledger.put_array(f"{stem}.npy", x[start : start + PART_ROWS])
-        ledger.put_array(f"{stem}-index.npy", np.arange(start, min(start + PART_ROWS, len(x)), dtype=np.int64))
+        part = part_name(LAYER, 0, chunk)
+        ledger.put_array(part, x[start : start + PART_ROWS])
+        ledger.put_array(index_name(part), np.arange(start, min(start + PART_ROWS, len(x)), dtype=np.int64))
     model = extract.model_identity(cfg, start_weights(cfg, store), [LAYER])
     artifacts.publish(
-        ledger, step="extract", config=cfg.model_dump(mode="json"), inputs={}, fingerprint_="bench", started_s=time.time(),
-        extra={"partition": "TRAIN", "num_images": len(x), "num_chunks": len(chunks), "dims": {LAYER: x.shape[1]}, "model": model},
-    )  # fmt: skip
+        ledger,
+        step="extract",
+        config=cfg.model_dump(mode="json"),
+        inputs={},
+        fingerprint_="bench",
+        started_s=time.time(),
+        extra={
+            "partition": "TRAIN",
+            "num_images": len(x),
+            "num_chunks": len(chunks),
+            "dims": {LAYER: x.shape[1]},
+            "model": model,
+        },
+    )
 
 
 # ---- the methods (run in children) ---------------------------------------------------------------
@@ -142,7 +155,8 @@ def run_cluster_step(p: dict[str, Any]) -> dict[str, Any]:
 
     import faiss  # noqa: F401 - imported before the clock, as the raw baseline does (the step imports it lazily)
 
-    from clusterfit import cluster, kmeans
+    from clusterfit import kmeans
+    from clusterfit.steps import cluster
 
     inside: dict[str, Any] = {"train_s": 0.0, "assign_s": 0.0}
     train, make_assigner = kmeans.train, kmeans.assigner
@@ -173,8 +187,14 @@ def run_cluster_step(p: dict[str, Any]) -> dict[str, Any]:
     times = clock.read()
     folder = Path(p["root"]) / result.folder
     stats = json.loads((folder / "stats.json").read_text())
-    return {**times, **inside, "algorithm": stats["algorithm"], "iterations": len(stats["objective_per_iteration"]),
-            "labels": str(folder / "labels.npy"), "centroids": str(folder / "centroids.npy")}  # fmt: skip
+    return {
+        **times,
+        **inside,
+        "algorithm": stats["algorithm"],
+        "iterations": len(stats["objective_per_iteration"]),
+        "labels": str(folder / "labels.npy"),
+        "centroids": str(folder / "centroids.npy"),
+    }
 
 
 def save_outputs(p: dict[str, Any], name: str, labels: np.ndarray, centroids: np.ndarray) -> dict[str, str]:
@@ -196,8 +216,14 @@ def run_faiss_kmeans(p: dict[str, Any]) -> dict[str, Any]:
     times = clock.read()
     cumulative = [float(s["time"]) for s in km.iteration_stats]
     per_iter = np.diff([0.0, *cumulative]).tolist()
-    out = {**times, "train_s": train_s, "assign_s": times["seconds"] - train_s, "algorithm": "faiss-lloyd",
-           "iterations": len(km.obj), "per_iter_s": per_iter}  # fmt: skip
+    out = {
+        **times,
+        "train_s": train_s,
+        "assign_s": times["seconds"] - train_s,
+        "algorithm": "faiss-lloyd",
+        "iterations": len(km.obj),
+        "per_iter_s": per_iter,
+    }
     return out | save_outputs(p, "faiss-kmeans", labels[:, 0], km.centroids)
 
 
@@ -221,12 +247,20 @@ def run_torch(p: dict[str, Any]) -> dict[str, Any]:
 
     x, shape, init = load_input(p), Shape(**p["shape"]), np.load(p["init"])
     clock = common.Clock()
-    trained = kmeans_torch.train_torch(x, shape.k, niter=shape.iters, seed=SEED, max_points_per_centroid=256, init_centroids=init)
+    trained = kmeans_torch.train_torch(
+        x, shape.k, niter=shape.iters, seed=SEED, max_points_per_centroid=256, init_centroids=init
+    )
     train_s = clock.read()["seconds"]
     labels, _ = kmeans_torch.TorchAssigner(trained.centroids).assign(x)
     times = clock.read()
-    out = {**times, "train_s": train_s, "assign_s": times["seconds"] - train_s, "algorithm": trained.algorithm,
-           "iterations": len(trained.objective), "per_iter_s": trained.extra["iteration_s"]}  # fmt: skip
+    out = {
+        **times,
+        "train_s": train_s,
+        "assign_s": times["seconds"] - train_s,
+        "algorithm": trained.algorithm,
+        "iterations": len(trained.objective),
+        "per_iter_s": trained.extra["iteration_s"],
+    }
     return out | save_outputs(p, "torch", labels, trained.centroids)
 
 
@@ -282,7 +316,13 @@ def prepare(work: Path, shape: Shape) -> tuple[dict[str, Any], np.ndarray]:
     xn = normalised(x)
     del x
     np.save(work / "init.npy", faiss_init(xn, shape.k))
-    params = {"data": str(work / "data.npy"), "init": str(work / "init.npy"), "root": str(work / "root"), "work": str(work), "shape": asdict(shape)}
+    params = {
+        "data": str(work / "data.npy"),
+        "init": str(work / "init.npy"),
+        "root": str(work / "root"),
+        "work": str(work),
+        "shape": asdict(shape),
+    }
     return params, xn
 
 
@@ -305,12 +345,20 @@ def bench_shape(shape: Shape, methods: list[str], tmp: Path) -> dict[str, Any]:
             result = common.run_child(SCRIPT, method, params)
             score(xn, result, sample)
             runs[method].append(result)
-            print(f"[{shape.name}] rep {rep} {method}: {result['seconds']:.1f}s, {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"[{shape.name}] rep {rep} {method}: {result['seconds']:.1f}s, {result['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
         gemms.append(common.gemm_rate())  # again after every repeat: the best is the machine's rate
     shutil.rmtree(work, ignore_errors=True)
     gemm: dict[str, Any] = {key: max(g[key] for g in gemms) for key in gemms[0]}
     gemm["all_best_gflops"] = [g["best_gflops"] for g in gemms]
-    return {"shape": asdict(shape), "gemm": gemm, "methods": summarise(shape, runs, gemm["best_gflops"], gemm["best_gflops_per_cpu_s"])}
+    return {
+        "shape": asdict(shape),
+        "gemm": gemm,
+        "methods": summarise(shape, runs, gemm["best_gflops"], gemm["best_gflops_per_cpu_s"]),
+    }
 
 
 def paired_ratio(base: list[dict[str, Any]], mine: list[dict[str, Any]], key: str) -> float:
@@ -327,7 +375,9 @@ def iteration_times(results: list[dict[str, Any]]) -> tuple[float | None, float 
     return first, common.median(later) if later else first
 
 
-def summarise(shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: float, gemm_per_cpu_s: float) -> dict[str, dict[str, Any]]:
+def summarise(
+    shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: float, gemm_per_cpu_s: float
+) -> dict[str, dict[str, Any]]:
     """Medians per method; rates also per CPU second against the GEMM's (robust to others' load)."""
     out: dict[str, dict[str, Any]] = {}
     base = runs.get("faiss-kmeans")
@@ -339,25 +389,52 @@ def summarise(shape: Shape, runs: dict[str, list[dict[str, Any]]], gemm_gflops: 
         first, later = iteration_times(results)
         projected = seconds + (PROJECT_ITERS - iters) * later if later else seconds * (PROJECT_ITERS + 1) / (iters + 1)
         out[method] = {
-            "algorithm": results[0]["algorithm"], "iterations": iters, "seconds": seconds,
-            "cpu_s": cpu_s, "fraction_of_gemm_cpu": shape.pass_gflop * (iters + 1) / cpu_s / gemm_per_cpu_s,
+            "algorithm": results[0]["algorithm"],
+            "iterations": iters,
+            "seconds": seconds,
+            "cpu_s": cpu_s,
+            "fraction_of_gemm_cpu": shape.pass_gflop * (iters + 1) / cpu_s / gemm_per_cpu_s,
             "x_faiss": paired_ratio(base, results, "seconds") if base else None,
             "x_faiss_cpu": paired_ratio(base, results, "cpu_s") if base else None,
-            "train_s_per_iter": common.median([r["train_s"] for r in results]) / iters if "train_s" in results[0] else None,
-            "first_iter_s": first, "later_iter_s": later, "projected_s": projected,
-            "gflops": gflops, "fraction_of_gemm": gflops / gemm_gflops, "pruned": "superkmeans" in results[0]["algorithm"],
-            "objective": common.median([r["objective"] for r in results]), "labels_exact": min(r["labels_exact"] for r in results),
+            "train_s_per_iter": common.median([r["train_s"] for r in results]) / iters
+            if "train_s" in results[0]
+            else None,
+            "first_iter_s": first,
+            "later_iter_s": later,
+            "projected_s": projected,
+            "gflops": gflops,
+            "fraction_of_gemm": gflops / gemm_gflops,
+            "pruned": "superkmeans" in results[0]["algorithm"],
+            "objective": common.median([r["objective"] for r in results]),
+            "labels_exact": min(r["labels_exact"] for r in results),
             "peak_rss_mb": common.median([r["peak_rss_mb"] for r in results]),
-            "inside_faiss_s": common.median([r["train_s"] + r["assign_s"] for r in results]) if method == "cluster-step" else None,
+            "inside_faiss_s": common.median([r["train_s"] + r["assign_s"] for r in results])
+            if method == "cluster-step"
+            else None,
             "runs": [{k: v for k, v in r.items() if k != "stderr_tail"} for r in results],
-        }  # fmt: skip
+        }
     return out
 
 
 # ---- the table and the targets -------------------------------------------------------------------
 
-COLUMNS = ["shape", "method", "algorithm", "iters", "seconds", "x faiss", "x faiss (CPU s)", "iter s first/later", "GFLOP/s",
-           "% of GEMM wall/CPU", "objective", "obj vs faiss", "labels exact", "peak RSS MB", f"{PROJECT_ITERS} iter s (proj.)"]  # fmt: skip
+COLUMNS = [
+    "shape",
+    "method",
+    "algorithm",
+    "iters",
+    "seconds",
+    "x faiss",
+    "x faiss (CPU s)",
+    "iter s first/later",
+    "GFLOP/s",
+    "% of GEMM wall/CPU",
+    "objective",
+    "obj vs faiss",
+    "labels exact",
+    "peak RSS MB",
+    f"{PROJECT_ITERS} iter s (proj.)",
+]
 
 
 def rows_of(shape_result: dict[str, Any]) -> list[list[Any]]:
@@ -366,14 +443,25 @@ def rows_of(shape_result: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for method, m in methods.items():
         pruned = " (effective*)" if m["pruned"] else ""
-        rows.append([
-            shape.name, method, m["algorithm"], m["iterations"], m["seconds"],
-            f"{m['x_faiss']:.2f}x" if base else "-", f"{m['x_faiss_cpu']:.2f}x" if base else "-",
-            f"{m['first_iter_s']:.3g} / {m['later_iter_s']:.3g}" if m["first_iter_s"] is not None else "-",
-            f"{m['gflops']:.1f}{pruned}", f"{100 * m['fraction_of_gemm']:.0f}% / {100 * m['fraction_of_gemm_cpu']:.0f}%", f"{m['objective']:.6g}",
-            f"{100 * (m['objective'] / base['objective'] - 1):+.3f}%" if base else "-",
-            f"{100 * m['labels_exact']:.1f}%", m["peak_rss_mb"], m["projected_s"],
-        ])  # fmt: skip
+        rows.append(
+            [
+                shape.name,
+                method,
+                m["algorithm"],
+                m["iterations"],
+                m["seconds"],
+                f"{m['x_faiss']:.2f}x" if base else "-",
+                f"{m['x_faiss_cpu']:.2f}x" if base else "-",
+                f"{m['first_iter_s']:.3g} / {m['later_iter_s']:.3g}" if m["first_iter_s"] is not None else "-",
+                f"{m['gflops']:.1f}{pruned}",
+                f"{100 * m['fraction_of_gemm']:.0f}% / {100 * m['fraction_of_gemm_cpu']:.0f}%",
+                f"{m['objective']:.6g}",
+                f"{100 * (m['objective'] / base['objective'] - 1):+.3f}%" if base else "-",
+                f"{100 * m['labels_exact']:.1f}%",
+                m["peak_rss_mb"],
+                m["projected_s"],
+            ]
+        )
     return rows
 
 
@@ -384,53 +472,106 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         step, faiss_, torch_ = m.get("cluster-step"), m.get("faiss-kmeans"), m.get("torch")
         if step and faiss_ and not step["pruned"]:
             over = max(1 / step["x_faiss"], 1 / step["x_faiss_cpu"]) - 1
-            out.append({"target": "step overhead over raw faiss.Kmeans <= 5% (same algorithm; verdict on the worse)", "shape": shape.name,
-                        "figure": f"{100 * over:+.1f}% (CPU s: {100 * (1 / step['x_faiss_cpu'] - 1):+.1f}%)", "met": over <= 0.05})  # fmt: skip
+            out.append(
+                {
+                    "target": "step overhead over raw faiss.Kmeans <= 5% (same algorithm; verdict on the worse)",
+                    "shape": shape.name,
+                    "figure": f"{100 * over:+.1f}% (CPU s: {100 * (1 / step['x_faiss_cpu'] - 1):+.1f}%)",
+                    "met": over <= 0.05,
+                }
+            )
         if step:  # not a target of the issue: where the step's own time goes
             outside = step["seconds"] - step["inside_faiss_s"]
-            out.append({"target": "(info) step time outside its k-means calls: read, verify, normalise, publish", "shape": shape.name,
-                        "figure": f"{outside:.2f}s = {100 * outside / step['seconds']:.1f}% of the step", "met": None})  # fmt: skip
+            out.append(
+                {
+                    "target": "(info) step time outside its k-means calls: read, verify, normalise, publish",
+                    "shape": shape.name,
+                    "figure": f"{outside:.2f}s = {100 * outside / step['seconds']:.1f}% of the step",
+                    "met": None,
+                }
+            )
         if shape.d >= LARGE_D and step:
             pruned = " effective (pruned)" if step["pruned"] else ""
-            raw = f"; raw faiss Lloyd {100 * faiss_['fraction_of_gemm']:.0f}% / {100 * faiss_['fraction_of_gemm_cpu']:.0f}%" if faiss_ else ""
-            out.append({"target": "step >= 85% of measured GEMM rate at d=2048 (per wall s / per CPU s; verdict on CPU s)", "shape": shape.name,
-                        "figure": f"{100 * step['fraction_of_gemm']:.0f}% / {100 * step['fraction_of_gemm_cpu']:.0f}%{pruned}{raw}",
-                        "met": step["fraction_of_gemm_cpu"] >= 0.85})  # fmt: skip
+            raw = (
+                f"; raw faiss Lloyd {100 * faiss_['fraction_of_gemm']:.0f}% / "
+                f"{100 * faiss_['fraction_of_gemm_cpu']:.0f}%"
+                if faiss_
+                else ""
+            )
+            out.append(
+                {
+                    "target": "step >= 85% of measured GEMM rate at d=2048 (per wall s / per CPU s; verdict on CPU s)",
+                    "shape": shape.name,
+                    "figure": f"{100 * step['fraction_of_gemm']:.0f}% / {100 * step['fraction_of_gemm_cpu']:.0f}%"
+                    + pruned
+                    + raw,
+                    "met": step["fraction_of_gemm_cpu"] >= 0.85,
+                }
+            )
         if shape.d >= LARGE_D and step and faiss_:
             speed, gap = min(step["x_faiss"], step["x_faiss_cpu"]), step["objective"] / faiss_["objective"] - 1
-            out.append({"target": "step >= 1.3x VISSL's faiss.Kmeans, objective within 0.5% (verdict on the lower)", "shape": shape.name,
-                        "figure": f"{step['x_faiss']:.2f}x (CPU s: {step['x_faiss_cpu']:.2f}x), objective {100 * gap:+.3f}%",
-                        "met": speed >= 1.3 and gap <= 0.005})  # fmt: skip
+            out.append(
+                {
+                    "target": "step >= 1.3x VISSL's faiss.Kmeans, objective within 0.5% (verdict on the lower)",
+                    "shape": shape.name,
+                    "figure": f"{step['x_faiss']:.2f}x (CPU s: {step['x_faiss_cpu']:.2f}x), "
+                    f"objective {100 * gap:+.3f}%",
+                    "met": speed >= 1.3 and gap <= 0.005,
+                }
+            )
         if shape.d >= LARGE_D and step and faiss_:
             ratio = faiss_["projected_s"] / step["projected_s"]
-            out.append({"target": f"(info) the same at ClusterFit's {PROJECT_ITERS} iterations, projected from the later iterations' times",
-                        "shape": shape.name, "figure": f"{ratio:.2f}x", "met": None})  # fmt: skip
+            out.append(
+                {
+                    "target": f"(info) the same at ClusterFit's {PROJECT_ITERS} iterations, "
+                    "projected from the later iterations' times",
+                    "shape": shape.name,
+                    "figure": f"{ratio:.2f}x",
+                    "met": None,
+                }
+            )
         if shape.d >= LARGE_D and torch_ and faiss_:
             ratio = min(torch_["x_faiss"], torch_["x_faiss_cpu"])
-            out.append({"target": "torch backend >= 0.9x faiss on CPU at d >= 2048 (verdict on the lower)", "shape": shape.name,
-                        "figure": f"{torch_['x_faiss']:.2f}x (CPU s: {torch_['x_faiss_cpu']:.2f}x)", "met": ratio >= 0.9})  # fmt: skip
+            out.append(
+                {
+                    "target": "torch backend >= 0.9x faiss on CPU at d >= 2048 (verdict on the lower)",
+                    "shape": shape.name,
+                    "figure": f"{torch_['x_faiss']:.2f}x (CPU s: {torch_['x_faiss_cpu']:.2f}x)",
+                    "met": ratio >= 0.9,
+                }
+            )
     return out
 
 
 def report(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     rows = [row for r in results for row in rows_of(r)]
     gemm = "; ".join(
-        f"{Shape(**r['shape']).name}: torch.mm {r['gemm']['torch_mm_gflops']:.0f}, numpy {r['gemm']['numpy_gflops']:.0f}" for r in results
+        f"{Shape(**r['shape']).name}: torch.mm {r['gemm']['torch_mm_gflops']:.0f}, numpy "
+        f"{r['gemm']['numpy_gflops']:.0f}"
+        for r in results
     )
     lines = [
         f"cluster benchmark on {common.hardware_line(info)}",
-        f"float32 GEMM (4096^3, best of 4, measured before each shape and after each repeat; the best), GFLOP/s: {gemm}",
+        f"float32 GEMM (4096^3, best of 4, measured before each shape and after each repeat; the best), GFLOP/s: "
+        f"{gemm}",
         "",
         common.table(COLUMNS, rows),
         "",
         "* SuperKMeans prunes distance computations: its GFLOP/s is the Lloyd work it replaces per second.",
-        "seconds: median over repeats; x faiss: median over repeats of faiss-kmeans seconds / this method's, each pair from one",
-        "repeat (x faiss (CPU s): the same with process CPU seconds, less disturbed by other load); objective: sum of squared distances",
-        "to each row's labelled centroid on all N rows (float64); labels exact: sampled rows whose label is the nearest centroid.",
-        "% of GEMM: GFLOP per wall second / the best GEMM GFLOP/s, and GFLOP per CPU second / the GEMM's GFLOP per CPU second",
+        "seconds: median over repeats; x faiss: median over repeats of faiss-kmeans seconds / this method's, each "
+        "pair from one",
+        "repeat (x faiss (CPU s): the same with process CPU seconds, less disturbed by other load); objective: sum "
+        "of squared distances",
+        "to each row's labelled centroid on all N rows (float64); labels exact: sampled rows whose label is the "
+        "nearest centroid.",
+        "% of GEMM: GFLOP per wall second / the best GEMM GFLOP/s, and GFLOP per CPU second / the GEMM's GFLOP per "
+        "CPU second",
         "(the second is not inflated when other processes take the cores while a method runs).",
         "",
-        common.table(["target", "shape", "figure", "verdict"], [[t["target"], t["shape"], t["figure"], common.verdict(t["met"])] for t in targets(results)]),
+        common.table(
+            ["target", "shape", "figure", "verdict"],
+            [[t["target"], t["shape"], t["figure"], common.verdict(t["met"])] for t in targets(results)],
+        ),
     ]
     return "\n".join(lines)
 
@@ -440,7 +581,9 @@ def main(argv: list[str]) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
-    parser.add_argument("--shapes", nargs="*", type=Shape.parse, help="NxDxK[:iters[:repeats]] (default: the three issue shapes)")
+    parser.add_argument(
+        "--shapes", nargs="*", type=Shape.parse, help="NxDxK[:iters[:repeats]] (default: the three issue shapes)"
+    )
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--tmp", default=None, help="folder for the temporary data (default: the system's)")
     args = parser.parse_args(argv)
@@ -452,8 +595,16 @@ def main(argv: list[str]) -> int:
     info["blas"] = common.blas_info()
     text = report(results, info)
     print(text)
-    payload = {"machine": info, "shapes": results, "targets": targets(results), "wall_s": time.perf_counter() - started, "table": text}
-    name = "cluster-custom" if args.shapes or args.methods != METHODS else ("cluster-quick" if args.quick else "cluster")
+    payload = {
+        "machine": info,
+        "shapes": results,
+        "targets": targets(results),
+        "wall_s": time.perf_counter() - started,
+        "table": text,
+    }
+    name = (
+        "cluster-custom" if args.shapes or args.methods != METHODS else ("cluster-quick" if args.quick else "cluster")
+    )
     print(f"\nwrote {common.write_json(name, payload)}", file=sys.stderr)
     return 0
 

@@ -69,15 +69,22 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": round(mem_gib, 1),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
-        "versions": {name: package_version(name) for name in ("numpy", "torch", "torchvision", "faiss-cpu", "scikit-learn")},
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS") if k in os.environ},
+        "versions": {
+            name: package_version(name) for name in ("numpy", "torch", "torchvision", "faiss-cpu", "scikit-learn")
+        },
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS")
+            if k in os.environ
+        },
     }
 
 
 def hardware_line(info: dict[str, Any]) -> str:
     v = info["versions"]
     return (
-        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; load at start {info['load_average_at_start']}; "
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; load at start "
+        f"{info['load_average_at_start']}; "
         f"numpy {v['numpy']}, torch {v['torch']}, faiss-cpu {v['faiss-cpu']}, scikit-learn {v['scikit-learn']}"
     )
 
@@ -167,7 +174,9 @@ class PeakPoller:
         self._thread.join()
 
 
-def run_child(script: str, method: str, params: dict[str, Any], timeout_s: float = 3600, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_child(
+    script: str, method: str, params: dict[str, Any], timeout_s: float = 3600, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run `method` of `script` in a fresh process; its figures plus `peak_rss_mb` (tree, polled)."""
     cmd = [sys.executable, script, "--child", method, "--params", json.dumps(params)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -266,9 +275,10 @@ def model_parser(doc: str | None, quick_help: str, methods: list[str]) -> argpar
     return parser
 
 
-def publish(name: str, args: Any, info: dict[str, Any], summary: dict[str, Any], text: str, targets: list[dict[str, Any]]) -> None:
+def publish(
+    name: str, args: Any, info: dict[str, Any], summary: dict[str, Any], text: str, targets: list[dict[str, Any]]
+) -> None:
     """Print the table and write the same figures as JSON (`<name>-quick.json` for --quick runs)."""
     print(text)
     payload = {"machine": info, "settings": vars(args), "methods": summary, "targets": targets, "table": text}
     print(f"\nwrote {write_json(f'{name}-quick' if args.quick else name, payload)}", file=sys.stderr)
-

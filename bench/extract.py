@@ -7,7 +7,7 @@
 Methods, each in its own process, interleaved and rotated per repeat, on the same synthetic images
 (`DATA_SOURCES: [synthetic]`, decoded and transformed by the same Resize/CenterCrop/ToTensor/
 Normalize), the same randomly initialised model, batch size, DataLoader workers and torch threads:
-- `extract-step`: `clusterfit.extract.run(cfg)` to published parts: chunked DataLoader, trunk taps
+- `extract-step`: `clusterfit.steps.extract.run(cfg)` to published parts: chunked DataLoader, trunk taps
   (res5avg), one part file per CHUNK_SIZE images, markers, manifest; channels_last (the default).
 - `plain`: what a user writes: `torchvision.models.get_model(name)` with `fc = Identity()`,
   `DataLoader(dataset, batch_size)`, `model(x)` under inference_mode, features appended to a list,
@@ -44,7 +44,12 @@ def step_config(p: dict[str, Any]) -> Any:
             "PIPELINE": {"STEPS": ["extract"]},
             "MODEL": {"TRUNK": {"NAME": p["model"]}},
             "DATA": {
-                "TRAIN": {"DATA_SOURCES": ["synthetic"], "SYNTHETIC_SIZE": p["images"], "IMAGE_SIZE": size, "BATCHSIZE_PER_REPLICA": p["batch"]},
+                "TRAIN": {
+                    "DATA_SOURCES": ["synthetic"],
+                    "SYNTHETIC_SIZE": p["images"],
+                    "IMAGE_SIZE": size,
+                    "BATCHSIZE_PER_REPLICA": p["batch"],
+                },
                 "TEST": {"DATA_SOURCES": []},
                 "NUM_DATALOADER_WORKERS": p["workers"],
                 "TRANSFORMS": {"EVAL_RESIZE": size, "EVAL_CROP_SIZE": size},
@@ -59,7 +64,7 @@ def step_config(p: dict[str, Any]) -> Any:
 def run_step(p: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from clusterfit import extract
+    from clusterfit.steps import extract
 
     torch.set_num_threads(p["threads"])
     cfg = step_config(p)
@@ -112,12 +117,24 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[dict[
         for label, images in sizes.items():
             for method in order:
                 root = Path(tempfile.mkdtemp(dir=tmp))
-                params = {"root": str(root), "model": args.model, "image_size": args.image_size, "batch": args.batch,
-                          "workers": args.workers, "threads": args.threads, "chunk": args.chunk, "images": images}  # fmt: skip
+                params = {
+                    "root": str(root),
+                    "model": args.model,
+                    "image_size": args.image_size,
+                    "batch": args.batch,
+                    "workers": args.workers,
+                    "threads": args.threads,
+                    "chunk": args.chunk,
+                    "images": images,
+                }
                 result = common.run_child(SCRIPT, method, params)
                 result["images_per_s"] = images / result["seconds"]
                 runs[method][label].append(result)
-                print(f"rep {rep} {method} {label}: {result['images_per_s']:.1f} img/s, {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                print(
+                    f"rep {rep} {method} {label}: {result['images_per_s']:.1f} img/s, {result['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return runs
 
 
@@ -139,31 +156,68 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     step, out = summary.get("extract-step"), []
     if step and "plain" in summary:
         ratio = step["images_per_s_10x"] / summary["plain"]["images_per_s_10x"]
-        out.append({"target": "extract >= 0.9x the plain loop's images/s", "figure": f"{ratio:.2f}x", "met": ratio >= 0.9})
+        out.append(
+            {"target": "extract >= 0.9x the plain loop's images/s", "figure": f"{ratio:.2f}x", "met": ratio >= 0.9}
+        )
     if step and "plain-cl" in summary:
         ratio = step["images_per_s_10x"] / summary["plain-cl"]["images_per_s_10x"]
-        out.append({"target": "extract >= 0.9x the plain loop in channels_last", "figure": f"{ratio:.2f}x", "met": ratio >= 0.9})
+        out.append(
+            {
+                "target": "extract >= 0.9x the plain loop in channels_last",
+                "figure": f"{ratio:.2f}x",
+                "met": ratio >= 0.9,
+            }
+        )
     if step:
         growth = step["peak_rss_mb_10x"] / step["peak_rss_mb_1x"] - 1
-        out.append({"target": "extract peak memory at 10x within 10% of 1x", "figure": f"{100 * growth:+.1f}%", "met": growth <= 0.10})
+        out.append(
+            {
+                "target": "extract peak memory at 10x within 10% of 1x",
+                "figure": f"{100 * growth:+.1f}%",
+                "met": growth <= 0.10,
+            }
+        )
     return out
 
 
 def report(summary: dict[str, dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> str:
     base = summary.get("plain")
-    rows = [[method, s["images_per_s_10x"], f"{s['images_per_s_10x'] / base['images_per_s_10x']:.2f}x" if base else "-",
-             s["images_per_s_1x"], s["start_rss_mb"], s["peak_rss_mb_1x"], s["peak_rss_mb_10x"],
-             f"{100 * (s['peak_rss_mb_10x'] / s['peak_rss_mb_1x'] - 1):+.1f}%"] for method, s in summary.items()]  # fmt: skip
-    columns = ["method", "img/s (10x)", "x plain", "img/s (1x)", "RSS after imports MB", "peak RSS 1x MB", "peak RSS 10x MB", "10x vs 1x"]
-    return "\n".join([
-        f"extract benchmark on {common.hardware_line(info)}",
-        f"{args.model} (random init, res5avg), {args.image_size} px synthetic images, batch {args.batch}, {args.workers} DataLoader "
-        f"workers, {args.threads} torch threads; 1x = {args.chunk} images (one chunk), 10x = {10 * args.chunk}; median of {args.repeats}",
-        "",
-        common.table(columns, rows),
-        "",
-        common.targets_table(targets(summary)),
-    ])  # fmt: skip
+    rows = [
+        [
+            method,
+            s["images_per_s_10x"],
+            f"{s['images_per_s_10x'] / base['images_per_s_10x']:.2f}x" if base else "-",
+            s["images_per_s_1x"],
+            s["start_rss_mb"],
+            s["peak_rss_mb_1x"],
+            s["peak_rss_mb_10x"],
+            f"{100 * (s['peak_rss_mb_10x'] / s['peak_rss_mb_1x'] - 1):+.1f}%",
+        ]
+        for method, s in summary.items()
+    ]
+    columns = [
+        "method",
+        "img/s (10x)",
+        "x plain",
+        "img/s (1x)",
+        "RSS after imports MB",
+        "peak RSS 1x MB",
+        "peak RSS 10x MB",
+        "10x vs 1x",
+    ]
+    return "\n".join(
+        [
+            f"extract benchmark on {common.hardware_line(info)}",
+            f"{args.model} (random init, res5avg), {args.image_size} px synthetic images, batch {args.batch}, "
+            f"{args.workers} DataLoader "
+            f"workers, {args.threads} torch threads; 1x = {args.chunk} images (one chunk), 10x = {10 * args.chunk}; "
+            f"median of {args.repeats}",
+            "",
+            common.table(columns, rows),
+            "",
+            common.targets_table(targets(summary)),
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -53,7 +53,20 @@ class Sizes:
     model: str = "resnet50"
 
 
-DRY = Sizes(image_size=32, resize=36, batch=4, extract_batches=4, jpegs=8, workers=0, n=3000, d=64, k=30, kmeans_iters=2, train_steps=2, model="resnet18")
+DRY = Sizes(
+    image_size=32,
+    resize=36,
+    batch=4,
+    extract_batches=4,
+    jpegs=8,
+    workers=0,
+    n=3000,
+    d=64,
+    k=30,
+    kmeans_iters=2,
+    train_steps=2,
+    model="resnet18",
+)
 Row = dict[str, Any]
 
 
@@ -89,8 +102,14 @@ class JpegDataset(torch.utils.data.Dataset[torch.Tensor]):
         from torchvision import transforms as T
 
         self.jpegs = jpegs
-        self.transform = T.Compose([T.Resize(sizes.resize), T.CenterCrop(sizes.image_size), T.ToTensor(),
-                                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+        self.transform = T.Compose(
+            [
+                T.Resize(sizes.resize),
+                T.CenterCrop(sizes.image_size),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.jpegs)
@@ -109,10 +128,12 @@ def extraction_model(sizes: Sizes) -> Any:
 
 
 def features(model: Any, images: torch.Tensor, bf16: bool) -> np.ndarray:
-    from clusterfit import extract
+    from clusterfit.models import forward_features
 
     with torch.autocast(device().type, dtype=torch.bfloat16, enabled=bf16):
-        return extract.forward_features(model, images.to(device(), non_blocking=True), ["res5avg"], 1, torch.channels_last)["res5avg"]
+        return forward_features(model, images.to(device(), non_blocking=True), ["res5avg"], 1, torch.channels_last)[
+            "res5avg"
+        ]
 
 
 def throughput(batches: Callable[[], Any], step: Callable[[Any], Any], warmup: int = 2) -> float:
@@ -133,8 +154,13 @@ def throughput(batches: Callable[[], Any], step: Callable[[Any], Any], warmup: i
 def bench_extract(sizes: Sizes) -> list[Row]:
     model = extraction_model(sizes)
     jpegs = make_jpegs(sizes.batch * sizes.extract_batches)
-    loader = torch.utils.data.DataLoader(JpegDataset(jpegs, sizes), batch_size=sizes.batch, num_workers=sizes.workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=sizes.workers > 0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        JpegDataset(jpegs, sizes),
+        batch_size=sizes.batch,
+        num_workers=sizes.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=sizes.workers > 0,
+    )
     tensors = [torch.randn(sizes.batch, 3, sizes.image_size, sizes.image_size) for _ in range(sizes.extract_batches)]
     rows = []
     for name, batches, bf16 in (
@@ -143,13 +169,24 @@ def bench_extract(sizes: Sizes) -> list[Row]:
         ("CPU JPEG decode (PIL, workers) + bf16", lambda: iter(loader), True),
     ):
         rate = throughput(batches, functools.partial(features, model, bf16=bf16))
-        rows.append({"benchmark": f"extract {sizes.model} {sizes.image_size}px", "setting": name, "figure": rate, "unit": "img/s"})
+        rows.append(
+            {
+                "benchmark": f"extract {sizes.model} {sizes.image_size}px",
+                "setting": name,
+                "figure": rate,
+                "unit": "img/s",
+            }
+        )
     rows.append(gpu_decode_row(model, jpegs, sizes))
     return rows
 
 
 def gpu_decode_row(model: Any, jpegs: list[bytes], sizes: Sizes) -> Row:
-    row: Row = {"benchmark": f"extract {sizes.model} {sizes.image_size}px", "setting": "GPU JPEG decode (decode_jpeg cuda) + bf16", "unit": "img/s"}
+    row: Row = {
+        "benchmark": f"extract {sizes.model} {sizes.image_size}px",
+        "setting": "GPU JPEG decode (decode_jpeg cuda) + bf16",
+        "unit": "img/s",
+    }
     if not torch.cuda.is_available():
         return row | {"figure": None, "note": "skipped: no CUDA"}
     import torchvision
@@ -162,7 +199,9 @@ def gpu_decode_row(model: Any, jpegs: list[bytes], sizes: Sizes) -> Row:
     def batches() -> Any:
         for start in range(0, len(data), sizes.batch):
             decoded = torchvision.io.decode_jpeg(data[start : start + sizes.batch], device="cuda")
-            crops = [F.center_crop(F.resize(img, [sizes.resize], antialias=True), [sizes.image_size]) for img in decoded]
+            crops = [
+                F.center_crop(F.resize(img, [sizes.resize], antialias=True), [sizes.image_size]) for img in decoded
+            ]
             yield (torch.stack(crops).float() / 255 - mean) / std
 
     try:
@@ -181,27 +220,49 @@ def blobs_on_host(n: int, d: int, k: int) -> np.ndarray:
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 65536):
         rows = min(65536, n - start)
-        x = centres[torch.randint(0, k, (rows,), generator=gen, device=device())] + 0.6 * torch.randn(rows, d, generator=gen, device=device())
+        x = centres[torch.randint(0, k, (rows,), generator=gen, device=device())] + 0.6 * torch.randn(
+            rows, d, generator=gen, device=device()
+        )
         out[start : start + rows] = torch.nn.functional.normalize(x, dim=1).cpu().numpy()
     return out
 
 
-def kmeans_row(name: str, sizes: Sizes, seconds: float, iters: int, per_iter: float, objective: float, note: str = "") -> Row:
+def kmeans_row(
+    name: str, sizes: Sizes, seconds: float, iters: int, per_iter: float, objective: float, note: str = ""
+) -> Row:
     flop_per_iter = 2.0 * sizes.n * sizes.k * sizes.d
     projected = per_iter * 50
-    return {"benchmark": f"k-means N={sizes.n} D={sizes.d} K={sizes.k}", "setting": name, "figure": per_iter, "unit": "s/iter",
-            "iterations": iters, "seconds": seconds, "tflops": flop_per_iter / per_iter / 1e12, "objective": objective,
-            "projected_50_iter_s": projected, "target": "50 iterations < 90 s", "met": projected < 90 if torch.cuda.is_available() else None,
-            "note": note}  # fmt: skip
+    return {
+        "benchmark": f"k-means N={sizes.n} D={sizes.d} K={sizes.k}",
+        "setting": name,
+        "figure": per_iter,
+        "unit": "s/iter",
+        "iterations": iters,
+        "seconds": seconds,
+        "tflops": flop_per_iter / per_iter / 1e12,
+        "objective": objective,
+        "projected_50_iter_s": projected,
+        "target": "50 iterations < 90 s",
+        "met": projected < 90 if torch.cuda.is_available() else None,
+        "note": note,
+    }
 
 
 def bench_faiss(x: np.ndarray, sizes: Sizes) -> Row:
     try:
         import faiss
     except ImportError:
-        return {"benchmark": f"k-means N={sizes.n} D={sizes.d} K={sizes.k}", "setting": "faiss-gpu", "figure": None, "unit": "s/iter", "note": "skipped: faiss not installed"}
+        return {
+            "benchmark": f"k-means N={sizes.n} D={sizes.d} K={sizes.k}",
+            "setting": "faiss-gpu",
+            "figure": None,
+            "unit": "s/iter",
+            "note": "skipped: faiss not installed",
+        }
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    km = faiss.Kmeans(sizes.d, sizes.k, niter=sizes.kmeans_iters, seed=0, max_points_per_centroid=256, gpu=gpus if gpus else False)
+    km = faiss.Kmeans(
+        sizes.d, sizes.k, niter=sizes.kmeans_iters, seed=0, max_points_per_centroid=256, gpu=gpus if gpus else False
+    )
     start = time.perf_counter()
     km.train(x)
     seconds = time.perf_counter() - start
@@ -218,8 +279,15 @@ def bench_torch_kmeans(x: np.ndarray, sizes: Sizes) -> Row:
     trained = kmeans_torch.train_torch(x, sizes.k, niter=sizes.kmeans_iters, seed=0, max_points_per_centroid=256)
     seconds = time.perf_counter() - start
     # train_s excludes the host-to-device copy of x and the initial centroid draw.
-    return kmeans_row(f"our torch backend ({trained.algorithm})", sizes, seconds, len(trained.objective),
-                      trained.train_s / len(trained.objective), trained.objective[-1], f"host->device copy etc. {seconds - trained.train_s:.1f}s")  # fmt: skip
+    return kmeans_row(
+        f"our torch backend ({trained.algorithm})",
+        sizes,
+        seconds,
+        len(trained.objective),
+        trained.train_s / len(trained.objective),
+        trained.objective[-1],
+        f"host->device copy etc. {seconds - trained.train_s:.1f}s",
+    )
 
 
 # ---- 3. training ---------------------------------------------------------------------------------
@@ -229,6 +297,7 @@ def bench_train(sizes: Sizes) -> Row:
     from torch import nn
 
     from clusterfit import training
+    from clusterfit.checkpoint import TrainState
     from clusterfit.config import OptimizerConfig
     from clusterfit.models import Network
 
@@ -237,21 +306,40 @@ def bench_train(sizes: Sizes) -> Row:
     opt_cfg = OptimizerConfig(BASE_LR=0.1, BASE_LR_BATCH_SIZE=sizes.batch, WARMUP_EPOCHS=0)
     optimizer = training.build_optimizer(model, opt_cfg)
     steps = sizes.train_steps
-    batches = [(torch.randn(sizes.batch, 3, sizes.image_size, sizes.image_size, device=device()),
-                torch.randint(0, sizes.k, (sizes.batch,), device=device())) for _ in range(4)]  # fmt: skip
+    batches = [
+        (
+            torch.randn(sizes.batch, 3, sizes.image_size, sizes.image_size, device=device()),
+            torch.randint(0, sizes.k, (sizes.batch,), device=device()),
+        )
+        for _ in range(4)
+    ]
     ctx = training.EpochContext(
-        model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(), device=device(), amp=torch.cuda.is_available(),
-        lr_fn=lambda epoch: 0.1, batches_per_epoch=steps, step_fn=lambda x, y: (x, y), on_step=lambda state: None,
-        memory_format=torch.channels_last, progress_interval_s=3600,
-    )  # fmt: skip
-    training.train_one_epoch(ctx, [batches[i % 4] for i in range(3)], training.TrainState(), 0)  # warm-up
+        model=model,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(),
+        device=device(),
+        amp=torch.cuda.is_available(),
+        lr_fn=lambda epoch: 0.1,
+        batches_per_epoch=steps,
+        batch_fn=lambda x, y: (x, y),
+        on_step=lambda state: None,
+        memory_format=torch.channels_last,
+        progress_interval_s=3600,
+    )
+    training.train_one_epoch(ctx, [batches[i % 4] for i in range(3)], TrainState(), 0)  # warm-up
     sync()
     start = time.perf_counter()
-    training.train_one_epoch(ctx, [batches[i % 4] for i in range(steps)], training.TrainState(), 0)
+    training.train_one_epoch(ctx, [batches[i % 4] for i in range(steps)], TrainState(), 0)
     sync()
     rate = steps * sizes.batch / (time.perf_counter() - start)
-    return {"benchmark": f"train {sizes.model} {sizes.image_size}px", "setting": f"bf16 AMP, channels_last, batch {sizes.batch}, train_one_epoch",
-            "figure": rate, "unit": "img/s", "target": ">= 2500 img/s", "met": rate >= 2500 if torch.cuda.is_available() else None}  # fmt: skip
+    return {
+        "benchmark": f"train {sizes.model} {sizes.image_size}px",
+        "setting": f"bf16 AMP, channels_last, batch {sizes.batch}, train_one_epoch",
+        "figure": rate,
+        "unit": "img/s",
+        "target": ">= 2500 img/s",
+        "met": rate >= 2500 if torch.cuda.is_available() else None,
+    }
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -265,7 +353,15 @@ def guarded(name: str, fn: Callable[[], Any]) -> list[Row]:
         rows = out if isinstance(out, list) else [out]
     except Exception as exc:
         traceback.print_exc()
-        rows = [{"benchmark": name, "setting": "error", "figure": None, "unit": "", "note": f"{type(exc).__name__}: {exc}"[:300]}]
+        rows = [
+            {
+                "benchmark": name,
+                "setting": "error",
+                "figure": None,
+                "unit": "",
+                "note": f"{type(exc).__name__}: {exc}"[:300],
+            }
+        ]
     print(f"[gpu] {name} done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return rows
 
@@ -284,18 +380,36 @@ def report(rows: list[Row], info: dict[str, Any]) -> str:
     def figure(r: Row) -> str:
         return common.fmt(float(r["figure"])) if r.get("figure") is not None else "-"
 
-    table_rows = [[r["benchmark"], r["setting"], figure(r), r["unit"],
-                   common.fmt(r["projected_50_iter_s"]) if "projected_50_iter_s" in r else "-",
-                   r.get("target", "-"), common.verdict(r.get("met")), r.get("note", "")] for r in rows]  # fmt: skip
+    table_rows = [
+        [
+            r["benchmark"],
+            r["setting"],
+            figure(r),
+            r["unit"],
+            common.fmt(r["projected_50_iter_s"]) if "projected_50_iter_s" in r else "-",
+            r.get("target", "-"),
+            common.verdict(r.get("met")),
+            r.get("note", ""),
+        ]
+        for r in rows
+    ]
     head = f"GPU benchmark on {info['gpu']} (host: {common.hardware_line(info)})"
-    return head + "\n\n" + common.table(["benchmark", "setting", "figure", "unit", "50 iter s", "target", "verdict", "note"], table_rows)
+    return (
+        head
+        + "\n\n"
+        + common.table(["benchmark", "setting", "figure", "unit", "50 iter s", "target", "verdict", "note"], table_rows)
+    )
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU is fine): checks that every section runs")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes (CPU is fine): checks that every section runs"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT") or str(common.RESULTS))
-    parser.add_argument("--kmeans-iters", type=int, default=None, help="k-means iterations (default 20; 50 is the full recipe)")
+    parser.add_argument(
+        "--kmeans-iters", type=int, default=None, help="k-means iterations (default 20; 50 is the full recipe)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["extract", "kmeans", "train"])
     args = parser.parse_args(argv)
     sizes = DRY if args.dry_run else Sizes()

@@ -32,7 +32,13 @@ def run_quickstart(overrides: list[str], tmp: str) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err[-3000:]}")
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "peak_rss_mb": poller.peak / 2**20, "stdout": out, "stderr_tail": err[-3000:]}
+    return {
+        "command": " ".join(cmd[1:]),
+        "wall_s": wall,
+        "peak_rss_mb": poller.peak / 2**20,
+        "stdout": out,
+        "stderr_tail": err[-3000:],
+    }
 
 
 def parse(stdout: str) -> tuple[dict[str, float], list[str]]:
@@ -50,15 +56,17 @@ def report(result: dict[str, Any], times: dict[str, float], verdicts: list[str],
     rows = [[step, seconds, f"{100 * seconds / total:.0f}%"] for step, seconds in times.items()]
     rows.append(["total (steps)", total, "100%"])
     rows.append(["process wall (start-up included)", result["wall_s"], "-"])
-    return "\n".join([
-        f"quickstart benchmark on {common.hardware_line(info)}",
-        f"`{result['command']}` in a temp dir; peak RSS {result['peak_rss_mb']:.0f} MB",
-        "",
-        common.table(["step", "wall s", "share"], rows),
-        "",
-        "Evaluation summary as printed:",
-        *verdicts,
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"quickstart benchmark on {common.hardware_line(info)}",
+            f"`{result['command']}` in a temp dir; peak RSS {result['peak_rss_mb']:.0f} MB",
+            "",
+            common.table(["step", "wall s", "share"], rows),
+            "",
+            "Evaluation summary as printed:",
+            *verdicts,
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 from clusterfit import __version__
-from clusterfit.config import STEPS, Config, ConfigError, load_config, to_yaml
+from clusterfit.config import STEPS, Config, config_from_args, to_yaml
+from clusterfit.errors import UserError
+from clusterfit.pipeline import run_pipeline, run_step
 from clusterfit.runtime import Interrupted, setup_logging
 
 log = logging.getLogger("clusterfit")
@@ -36,30 +38,11 @@ STEP_HELP = {
 # Kubernetes commands live in clusterfit.kube (no torch there); each takes the remaining argv.
 KUBE_COMMANDS = {
     "render": ("clusterfit.kube.render", "cli_render", "write the step PyTorchJobs (and ConfigMap) for kubectl apply"),
-    "submit": ("clusterfit.kube.commands", "cli_submit", "run the pipeline on Kubernetes, following each step's PyTorchJob"),
+    "submit": ("clusterfit.kube.commands", "cli_submit", "run the pipeline on Kubernetes, following each step's job"),
     "status": ("clusterfit.kube.commands", "cli_status", "show the experiment's step jobs and their conditions"),
     "logs": ("clusterfit.kube.commands", "cli_logs", "print (or --follow) a step's master pod log"),
     "cancel": ("clusterfit.kube.commands", "cli_cancel", "delete (or --suspend) the experiment's running step jobs"),
 }
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, not a bug: print the message, no traceback."""
-    from clusterfit.artifacts import ArtifactError
-    from clusterfit.features import InputError
-    from clusterfit.runtime import DistributedEnvError
-    from clusterfit.storage import StorageError
-
-    errors: list[type[BaseException]] = [ConfigError, ArtifactError, StorageError, DistributedEnvError, InputError]
-    for module in ("clusterfit.data", "clusterfit.weights", "clusterfit.labels"):
-        if module in sys.modules:  # only modules already loaded can have raised (and torch may be absent)
-            errors += [v for v in vars(sys.modules[module]).values() if isinstance(v, type) and issubclass(v, ValueError)]
-    return tuple(errors)
-
-
-def step_runner(step: str) -> Callable[[Config], object]:
-    module = importlib.import_module(f"clusterfit.{step}")
-    return module.run  # type: ignore[no-any-return]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clusterfit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("run", help="every step of PIPELINE.STEPS in order, skipping finished ones").add_argument("args", nargs="*")
+    run = sub.add_parser("run", help="every step of PIPELINE.STEPS in order, skipping finished ones")
+    run.add_argument("args", nargs="*")
     for step in STEPS:
         sub.add_parser(step, help=STEP_HELP[step]).add_argument("args", nargs="*")
-    launch = sub.add_parser("launch", help="start a step on NUM_PROC_PER_NODE local workers through torch.distributed.run")
+    launch = sub.add_parser("launch", help="start a step on NUM_PROC_PER_NODE local workers through torchrun")
     launch.add_argument("step", choices=[*STEPS, "run"])
     launch.add_argument("args", nargs="*")
     config = sub.add_parser("config", help="show the resolved config")
@@ -97,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"clusterfit: {exc}", file=sys.stderr)
         return 143
-    except Exception as exc:
-        if not isinstance(exc, user_errors()):
-            raise
+    except UserError as exc:
         print(f"clusterfit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -113,23 +95,19 @@ def dispatch(ns: argparse.Namespace) -> int:
         return int(getattr(importlib.import_module(module), func)(ns.args))
     if ns.command == "config":
         if ns.action == "schema":
-            import json
-
             print(json.dumps(Config.model_json_schema(), indent=2))
             return 0
-        print(to_yaml(load_config(ns.args)), end="")
+        print(to_yaml(config_from_args(ns.args)), end="")
         return 0
-    cfg = load_config(ns.args)
+    cfg = config_from_args(ns.args)
     if ns.command == "launch":
         return launch(ns.step, ns.args, cfg)
     if cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1 and "RANK" not in os.environ:
         return launch(ns.command, ns.args, cfg)
     if ns.command == "run":
-        from clusterfit.pipeline import run_pipeline
-
         run_pipeline(cfg)
         return 0
-    result = step_runner(ns.command)(cfg)
+    result = run_step(ns.command, cfg)
     log.info("%s: %s", ns.command, result)
     return 0
 
@@ -139,10 +117,8 @@ def launch(step: str, args: list[str], cfg: Config) -> int:
     import subprocess
 
     nproc = cfg.DISTRIBUTED.NUM_PROC_PER_NODE
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "clusterfit", step, *args,
-    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*torchrun, "-m", "clusterfit", step, *args]
     log.info("launch: %s", " ".join(command))
     return subprocess.call(command)
 

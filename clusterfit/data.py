@@ -27,13 +27,14 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clusterfit.config import Config, DataSplitConfig, TransformsConfig
+from clusterfit.errors import UserError
 from clusterfit.storage import Store, open_store, read_uri, split_uri
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be read; the message names the config key, folder or file."""
 
 
@@ -69,7 +70,9 @@ class DigitsSource:
         return len(self.images)
 
     def load(self, index: int) -> Image.Image:
-        gray = Image.fromarray(self.images[index], mode="L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        gray = Image.fromarray(self.images[index], mode="L").resize(
+            (self.image_size, self.image_size), Image.Resampling.BILINEAR
+        )
         return gray.convert("RGB")
 
     def name(self, index: int) -> str:
@@ -131,7 +134,9 @@ def folder_source(path: str, cfg: Config, key: str) -> FileSource:
         raise DatasetError(f"{key}: {path}: no such folder")
     keys = [k for k in store.list("") if k.lower().endswith(IMAGE_SUFFIXES) and "/" in k]
     if not keys:
-        raise DatasetError(f"{key}: {path}: no images found in <root>/<class>/<image> layout ({', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(
+            f"{key}: {path}: no images found in <root>/<class>/<image> layout ({', '.join(IMAGE_SUFFIXES)})"
+        )
     classes = sorted({k.split("/", 1)[0] for k in keys})
     class_index = {c: i for i, c in enumerate(classes)}
     # torchvision's order: by class, then by folder (a folder's own files before its subfolders'), then name.
@@ -201,7 +206,9 @@ class Limited:
 
 
 class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, bool]]):
-    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], torch.Tensor], on_bad_image: str = "error") -> None:
+    def __init__(
+        self, source: ImageSource, transform: Callable[[Image.Image], torch.Tensor], on_bad_image: str = "error"
+    ) -> None:
         self.source = source
         self.transform = transform
         self.on_bad_image = on_bad_image
@@ -251,4 +258,7 @@ def build_dataset(cfg: Config, partition: str, transform: Callable[[Image.Image]
 def dataset_identity(cfg: Config, partition: str) -> dict[str, Any]:
     """What identifies a split's images (for fingerprints): its config and its size."""
     split = cfg.split(partition)
-    return {"partition": partition, "split": split.model_dump(mode="json", exclude={"LABEL_PATHS", "BATCHSIZE_PER_REPLICA"})}
+    return {
+        "partition": partition,
+        "split": split.model_dump(mode="json", exclude={"LABEL_PATHS", "BATCHSIZE_PER_REPLICA"}),
+    }

@@ -62,7 +62,13 @@ def faiss_gpus() -> int:
 
 
 def train_faiss(
-    x: np.ndarray, k: int, *, niter: int, seed: int, max_points_per_centroid: int, algorithm: str = "auto",
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int,
+    seed: int,
+    max_points_per_centroid: int,
+    algorithm: str = "auto",
     init_centroids: np.ndarray | None = None,
 ) -> Centroids:
     """faiss k-means on float32 (n, D) x; `x` is already the training sample."""
@@ -86,9 +92,14 @@ def train_faiss(
         iteration_s = [float(stats.at(i).time) for i in range(stats.size())]
     else:
         km = faiss.Kmeans(
-            dim, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
-            min_points_per_centroid=1, gpu=gpus if gpus else False,
-        )  # fmt: skip
+            dim,
+            k,
+            niter=niter,
+            seed=seed,
+            max_points_per_centroid=max_points_per_centroid,
+            min_points_per_centroid=1,
+            gpu=gpus if gpus else False,
+        )
         km.train(np.ascontiguousarray(x, dtype=np.float32), init_centroids=init_centroids)
         centroids, objective = km.centroids, [float(v) for v in km.obj]
         iteration_s = np.diff([0.0, *(float(s["time"]) for s in km.iteration_stats)]).tolist()  # faiss's are cumulative

@@ -73,7 +73,13 @@ def split_empty(centroids: torch.Tensor, counts: torch.Tensor, n: int, rng: np.r
 
 
 def train_torch(
-    x: np.ndarray, k: int, *, niter: int, seed: int, max_points_per_centroid: int, init_centroids: np.ndarray | None = None
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int,
+    seed: int,
+    max_points_per_centroid: int,
+    init_centroids: np.ndarray | None = None,
 ) -> Centroids:
     """Lloyd's k-means on float32 (n, D) x (already the training sample)."""
     device = _device()
@@ -103,8 +109,23 @@ def train_torch(
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    log.info("torch k-means on %s: n=%d d=%d k=%d, %d iterations in %.1fs, %d empty clusters split", device, n, x.shape[1], k, niter, elapsed, splits)
-    return Centroids(centroids.cpu().numpy(), objective, f"torch-lloyd-{device.type}", elapsed, {"splits": splits, "iteration_s": iteration_s})
+    log.info(
+        "torch k-means on %s: n=%d d=%d k=%d, %d iterations in %.1fs, %d empty clusters split",
+        device,
+        n,
+        x.shape[1],
+        k,
+        niter,
+        elapsed,
+        splits,
+    )
+    return Centroids(
+        centroids.cpu().numpy(),
+        objective,
+        f"torch-lloyd-{device.type}",
+        elapsed,
+        {"splits": splits, "iteration_s": iteration_s},
+    )
 
 
 class TorchAssigner:
@@ -113,5 +134,7 @@ class TorchAssigner:
         self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, dists = nearest(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device), self.centroids)
+        ids, dists = nearest(
+            torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device), self.centroids
+        )
         return ids.cpu().numpy().astype(np.int64), dists.cpu().numpy().astype(np.float32)

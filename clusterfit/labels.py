@@ -8,12 +8,13 @@ import io
 import numpy as np
 
 from clusterfit import artifacts
+from clusterfit.artifacts.layout import LABELS, cluster_folder
 from clusterfit.config import Config
-from clusterfit.layout import cluster_folder
+from clusterfit.errors import UserError
 from clusterfit.storage import Store, read_uri, sha256_bytes
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label file that does not fit the dataset or NUM_CLUSTERS."""
 
 
@@ -30,8 +31,8 @@ def load_labels(cfg: Config, store: Store, num_images: int) -> tuple[np.ndarray,
     else:
         folder = cluster_folder(cfg)
         manifest = artifacts.read_manifest(store, folder)
-        labels = artifacts.load_array(store, folder, "labels.npy", manifest)
-        uri, digest = store.uri(f"{folder}/labels.npy"), str(manifest["_digest"])
+        labels = artifacts.load_array(store, folder, LABELS, manifest)
+        uri, digest = store.uri(f"{folder}/{LABELS}"), str(manifest["_digest"])
     check_labels(labels, uri, num_images, cfg.CLUSTERFIT.NUM_CLUSTERS)
     return labels.astype(np.int64), uri, digest
 
@@ -49,5 +50,6 @@ def check_labels(labels: np.ndarray, uri: str, num_images: int, num_clusters: in
     low, high = int(valid.min()), int(valid.max())
     if low < 0 or high >= num_clusters:
         raise LabelError(
-            f"{uri}: label ids range {low}..{high}, outside 0..{num_clusters - 1} (CLUSTERFIT.NUM_CLUSTERS={num_clusters})"
+            f"{uri}: label ids range {low}..{high}, outside 0..{num_clusters - 1} "
+            f"(CLUSTERFIT.NUM_CLUSTERS={num_clusters})"
         )

@@ -10,6 +10,7 @@ Taps: `conv1` (after conv1-bn1-relu), `res2`..`res5` (after layer1..layer4, feat
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -80,3 +81,21 @@ def pool_features(feature: torch.Tensor, pool_size: int) -> torch.Tensor:
 
 def build_network(cfg_trunk: object, num_classes: list[int] | None = None) -> Network:
     return Network(cfg_trunk.NAME, num_classes, cfg_trunk.SMALL_IMAGE_STEM)  # type: ignore[attr-defined]
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """MODEL.CHANNELS_LAST as a torch memory format."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.inference_mode()
+def forward_features(
+    model: Network,
+    images: torch.Tensor,
+    layers: list[str],
+    pool_size: int,
+    fmt: torch.memory_format = torch.contiguous_format,
+) -> dict[str, np.ndarray]:
+    """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size."""
+    taps = model.trunk.taps(images.contiguous(memory_format=fmt), layers)
+    return {name: pool_features(taps[name], pool_size).float().cpu().numpy() for name in layers}

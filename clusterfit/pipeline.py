@@ -13,12 +13,23 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, cast
 
+from clusterfit.artifacts.layout import EVAL, REPORT_HTML
 from clusterfit.config import Config
-from clusterfit.layout import EVAL
 from clusterfit.storage import open_store
 
+if TYPE_CHECKING:
+    from clusterfit.steps.evaluate import EvalResult
+
 log = logging.getLogger(__name__)
+
+
+class StepResult(Protocol):
+    """What every step's `run` returns: at least whether it did no work."""
+
+    @property
+    def skipped(self) -> bool: ...
 
 
 @dataclass
@@ -27,35 +38,44 @@ class PipelineResult:
     skipped: list[str] = field(default_factory=list)
     wall_s: dict[str, float] = field(default_factory=dict)
     report_uri: str = ""
+    summary: list[str] = field(default_factory=list)  # evaluate's verdict lines
 
 
-def step_skipped(result: object) -> bool:
-    """Whether a step's result says it did no work."""
-    if hasattr(result, "skipped_steps"):  # extract: one entry per split it skipped
-        return not getattr(result, "chunks_computed", 0) and bool(result.skipped_steps)
-    return bool(getattr(result, "skipped", False))
+def run_step(step: str, cfg: Config) -> StepResult:
+    """`clusterfit.steps.<step>.run(cfg)`, imported only when it runs (the cluster image has no torch)."""
+    result: StepResult = importlib.import_module(f"clusterfit.steps.{step}").run(cfg)
+    return result
 
 
 def run_pipeline(cfg: Config) -> PipelineResult:
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
-    log.info("run: experiment %s, steps %s, artifacts at %s", cfg.EXPERIMENT.NAME, " -> ".join(cfg.PIPELINE.STEPS), store.uri())
-    if "evaluate" in cfg.PIPELINE.STEPS:
-        importlib.import_module("clusterfit.evaluate").preflight(cfg)
+    steps = cfg.PIPELINE.STEPS
+    log.info("run: experiment %s, steps %s, artifacts at %s", cfg.EXPERIMENT.NAME, " -> ".join(steps), store.uri())
+    if "evaluate" in steps:
+        importlib.import_module("clusterfit.steps.evaluate").preflight(cfg)
     result = PipelineResult()
-    for step in cfg.PIPELINE.STEPS:
+    for step in steps:
         started = time.perf_counter()
-        outcome = importlib.import_module(f"clusterfit.{step}").run(cfg)
+        outcome = run_step(step, cfg)
         result.wall_s[step] = time.perf_counter() - started
-        (result.skipped if step_skipped(outcome) else result.ran).append(step)
-        log.info("run: %s %s in %.1fs", step, "skipped (already done)" if step in result.skipped else "done", result.wall_s[step])
-    if not result.ran:
-        print(f"Nothing to do: all {len(result.skipped)} steps are already done with this config ({store.uri()}).")
-    else:
-        print(f"Ran {', '.join(result.ran)}" + (f"; skipped {', '.join(result.skipped)} (already done)" if result.skipped else "") + ".")
-    print("Step wall times: " + ", ".join(f"{s} {t:.1f}s" for s, t in result.wall_s.items()))
-    if "evaluate" in cfg.PIPELINE.STEPS:
-        result.report_uri = store.uri(f"{EVAL}/report.html")
-        print(f"Report: {result.report_uri}")
-        summary = store.get_bytes(f"{EVAL}/report.md").decode().split("## Evaluation")[0]
-        print("\n".join(line for line in summary.splitlines() if line.startswith(("- ", "Summary: "))))
+        (result.skipped if outcome.skipped else result.ran).append(step)
+        done = "skipped (already done)" if outcome.skipped else "done"
+        log.info("run: %s %s in %.1fs", step, done, result.wall_s[step])
+        if step == "evaluate":
+            result.summary = cast("EvalResult", outcome).summary
+            result.report_uri = store.uri(f"{EVAL}/{REPORT_HTML}")
+    print_outcome(result, store.uri())
     return result
+
+
+def print_outcome(result: PipelineResult, root_uri: str) -> None:
+    """What a user reads at the end of `clusterfit run`: what ran, how long, the report and its verdict."""
+    if not result.ran:
+        print(f"Nothing to do: all {len(result.skipped)} steps are already done with this config ({root_uri}).")
+    else:
+        skipped = f"; skipped {', '.join(result.skipped)} (already done)" if result.skipped else ""
+        print(f"Ran {', '.join(result.ran)}{skipped}.")
+    print("Step wall times: " + ", ".join(f"{s} {t:.1f}s" for s, t in result.wall_s.items()))
+    if result.report_uri:
+        print(f"Report: {result.report_uri}")
+        print("\n".join(result.summary))

@@ -15,9 +15,22 @@ from typing import Any
 import numpy as np
 
 from clusterfit import artifacts
+from clusterfit.artifacts.layout import (
+    CLUSTER_EXAMPLES_PNG,
+    CLUSTER_SIZES_PNG,
+    CLUSTER_STATS,
+    DISTANCES,
+    LABELS,
+    METRICS_LOG,
+    PRETRAIN,
+    REPORT_HTML,
+    REPORT_MD,
+    TRAIN,
+    TRAINING_CURVES_PNG,
+    cluster_folder,
+)
 from clusterfit.config import Config
 from clusterfit.data import build_source
-from clusterfit.layout import PRETRAIN, TRAIN, cluster_folder
 from clusterfit.storage import NotFound, Store
 
 EXAMPLE_CLUSTERS = 12
@@ -46,7 +59,9 @@ def cluster_sizes_png(stats: dict[str, Any]) -> bytes:
     ax.hist(sizes, bins=min(50, max(10, len(sizes) // 4)), color="#4477aa")
     ax.set_xlabel("images per cluster")
     ax.set_ylabel("clusters")
-    ax.set_title(f"K={stats['num_clusters']}: sizes {stats['smallest']}..{stats['largest']}, {stats['empty_clusters']} empty")
+    ax.set_title(
+        f"K={stats['num_clusters']}: sizes {stats['smallest']}..{stats['largest']}, {stats['empty_clusters']} empty"
+    )
     data = _png(fig)
     plt.close(fig)
     return data
@@ -58,7 +73,9 @@ def cluster_examples_png(cfg: Config, labels: np.ndarray, distances: np.ndarray)
     source = build_source(cfg, "TRAIN")
     sizes = np.bincount(labels[labels >= 0], minlength=cfg.CLUSTERFIT.NUM_CLUSTERS)
     clusters = np.argsort(-sizes)[:EXAMPLE_CLUSTERS]
-    fig, axes = plt.subplots(len(clusters), EXAMPLES_PER_CLUSTER, figsize=(EXAMPLES_PER_CLUSTER * 0.8, len(clusters) * 0.85))
+    fig, axes = plt.subplots(
+        len(clusters), EXAMPLES_PER_CLUSTER, figsize=(EXAMPLES_PER_CLUSTER * 0.8, len(clusters) * 0.85)
+    )
     axes = np.atleast_2d(axes)
     for row, cluster in enumerate(clusters):
         members = np.flatnonzero(labels == cluster)
@@ -93,7 +110,9 @@ def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for name, folder in (("RotNet pretrain", PRETRAIN), ("ClusterFit train", TRAIN)):
         try:
-            out[name] = [json.loads(line) for line in store.get_bytes(f"{folder}/metrics.jsonl").decode().splitlines() if line]
+            out[name] = [
+                json.loads(line) for line in store.get_bytes(f"{folder}/{METRICS_LOG}").decode().splitlines() if line
+            ]
         except NotFound:
             continue
     return out
@@ -105,7 +124,13 @@ def table_md(metrics: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for r in metrics["rows"]:
         low = [f"{r['low_shot'][n]['top1']:.2f} ± {r['low_shot'][n]['std']:.1f}" for n in shots]
-        lines.append("| " + " | ".join([r["model"], r["layer"], str(r["dim"]), f"{r['knn_top1']:.2f}", *low, f"{r['linear_top1']:.2f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["model"], r["layer"], str(r["dim"]), f"{r['knn_top1']:.2f}", *low, f"{r['linear_top1']:.2f}"]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -115,31 +140,63 @@ def verdict_summary(metrics: dict[str, Any]) -> str:
     if not comparison:
         return "No starting model or ClusterFit row to compare."
     count = {v: sum(c["verdict"] == v for c in comparison) for v in ("better", "worse", "within noise")}
-    return (f"Summary: ClusterFit vs. {comparison[0]['reference']} is better on {count['better']} of {len(comparison)} metrics, "
-            f"worse on {count['worse']}, within noise on {count['within noise']}.")  # fmt: skip
+    return (
+        f"Summary: ClusterFit vs. {comparison[0]['reference']} is better on {count['better']} of {len(comparison)} "
+        "metrics, "
+        f"worse on {count['worse']}, within noise on {count['within noise']}."
+    )
 
 
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
     lines = []
     for c in metrics["comparison"]:
-        name = f"kNN {c['shots']}-shot top-1" if c.get("shots") else "linear top-1" if c["metric"] == "linear_top1" else "kNN top-1"
+        name = (
+            f"kNN {c['shots']}-shot top-1"
+            if c.get("shots")
+            else "linear top-1"
+            if c["metric"] == "linear_top1"
+            else "kNN top-1"
+        )
         lines.append(
-            f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} {c['reference_value']:.2f}% "
+            f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} "
+            f"{c['reference_value']:.2f}% "
             f"({c['delta']:+.2f} points; noise band ±{c['noise_2se']:.2f}): **{c['verdict']}**"
         )
     return lines
 
 
 def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]) -> str:
-    parts = [f"# ClusterFit report: {cfg.EXPERIMENT.NAME}", "",
-             f"Starting weights: `{metrics['start_weights']}`; K={cfg.CLUSTERFIT.NUM_CLUSTERS} clusters of `{cfg.CLUSTERFIT.FEATURES.LAYER_NAME}`; "
-             f"{metrics['n_train']} training and {metrics['n_test']} test images.", "",
-             "## Did ClusterFit beat the features it started from?", "", verdict_summary(metrics), "", *verdict_lines(metrics), "",
-             "A difference counts only beyond twice its standard error (the test set's binomial error, and for low-shot kNN also the spread "
-             "of the paired differences over the random labelled subsets); inside that band it is within seed noise.", "",
-             *(["Low-shot columns: mean ± standard deviation over the random labelled subsets of n TRAIN images per class."]
-               if any(r.get("low_shot") for r in metrics["rows"]) else []), "",
-             "## Evaluation", "", *table_md(metrics), ""]  # fmt: skip
+    parts = [
+        f"# ClusterFit report: {cfg.EXPERIMENT.NAME}",
+        "",
+        f"Starting weights: `{metrics['start_weights']}`; K={cfg.CLUSTERFIT.NUM_CLUSTERS} clusters of "
+        f"`{cfg.CLUSTERFIT.FEATURES.LAYER_NAME}`; "
+        f"{metrics['n_train']} training and {metrics['n_test']} test images.",
+        "",
+        "## Did ClusterFit beat the features it started from?",
+        "",
+        verdict_summary(metrics),
+        "",
+        *verdict_lines(metrics),
+        "",
+        "A difference counts only beyond twice its standard error (the test set's binomial error, and for low-shot "
+        "kNN also the spread "
+        "of the paired differences over the random labelled subsets); inside that band it is within seed noise.",
+        "",
+        *(
+            [
+                "Low-shot columns: mean ± standard deviation over the random labelled subsets of n TRAIN images per "
+                "class."
+            ]
+            if any(r.get("low_shot") for r in metrics["rows"])
+            else []
+        ),
+        "",
+        "## Evaluation",
+        "",
+        *table_md(metrics),
+        "",
+    ]
     for split, values in metrics["clusters"].items():
         parts.append(f"Cluster labels vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}")
     parts.append("")
@@ -150,8 +207,10 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
 
 def to_html(text: str) -> str:
     """The Markdown above as minimal HTML (headings, lists, tables, images), no extra dependency."""
-    out, in_table, in_list = ["<!doctype html><meta charset='utf-8'><title>ClusterFit report</title>",
-                              "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style>"], False, False  # fmt: skip
+    style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+    style += "td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+    out = ["<!doctype html><meta charset='utf-8'><title>ClusterFit report</title>", f"<style>{style}</style>"]
+    in_table, in_list = False, False
     for line in text.splitlines():
         if line.startswith("| ---"):
             continue
@@ -168,7 +227,9 @@ def to_html(text: str) -> str:
             if not in_table:
                 out.append("<table>")
                 in_table = True
-            out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>")
+            out.append(
+                "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
+            )
         elif line.startswith("- "):
             if not in_list:
                 out.append("<ul>")
@@ -181,19 +242,27 @@ def to_html(text: str) -> str:
     return "\n".join(out + (["</table>"] if in_table else []) + (["</ul>"] if in_list else []))
 
 
-def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str, Any], _test_set: Any = None) -> None:
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The verdict in a few lines: the summary, then one line per compared metric (what `clusterfit run` prints)."""
+    return [verdict_summary(metrics), *verdict_lines(metrics)]
+
+
+def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str, Any]) -> None:
     folder = cluster_folder(cfg)
     manifest = artifacts.read_manifest(store, folder)
-    stats = artifacts.load_json(store, folder, "stats.json", manifest)
-    labels = artifacts.load_array(store, folder, "labels.npy", manifest)
-    distances = artifacts.load_array(store, folder, "distances.npy", manifest)
-    images = [("Cluster sizes", "cluster_sizes.png"), ("Example images per cluster (nearest to the centroid first)", "cluster_examples.png")]
-    ledger.put_bytes("cluster_sizes.png", cluster_sizes_png(stats))
-    ledger.put_bytes("cluster_examples.png", cluster_examples_png(cfg, labels, distances))
+    stats = artifacts.load_json(store, folder, CLUSTER_STATS, manifest)
+    labels = artifacts.load_array(store, folder, LABELS, manifest)
+    distances = artifacts.load_array(store, folder, DISTANCES, manifest)
+    images = [
+        ("Cluster sizes", CLUSTER_SIZES_PNG),
+        ("Example images per cluster (nearest to the centroid first)", CLUSTER_EXAMPLES_PNG),
+    ]
+    ledger.put_bytes(CLUSTER_SIZES_PNG, cluster_sizes_png(stats))
+    ledger.put_bytes(CLUSTER_EXAMPLES_PNG, cluster_examples_png(cfg, labels, distances))
     curves = histories(store)
     if curves:
-        ledger.put_bytes("training_curves.png", curves_png(curves))
-        images.append(("Training curves", "training_curves.png"))
+        ledger.put_bytes(TRAINING_CURVES_PNG, curves_png(curves))
+        images.append(("Training curves", TRAINING_CURVES_PNG))
     text = markdown(cfg, metrics, images)
-    ledger.put_bytes("report.md", text.encode())
-    ledger.put_bytes("report.html", to_html(text).encode())
+    ledger.put_bytes(REPORT_MD, text.encode())
+    ledger.put_bytes(REPORT_HTML, to_html(text).encode())

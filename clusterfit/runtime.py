@@ -1,4 +1,5 @@
-"""Process environment: rank discovery from `env://` variables, rank-aware logging, progress.
+"""Process environment: rank discovery from `env://` variables, rank-aware logging, progress, and
+waiting on other ranks through the artifact store.
 
 torchrun and the PyTorchJob operator set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
 (torchrun also LOCAL_RANK). All absent means one process; some present is an error. This module
@@ -13,7 +14,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+from clusterfit.errors import UserError
+
+if TYPE_CHECKING:
+    from clusterfit.storage import Store
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 T = TypeVar("T")
@@ -23,7 +29,7 @@ class Interrupted(Exception):
     """A step stopped on request (SIGTERM) after saving its state; rerunning resumes it."""
 
 
-class DistributedEnvError(RuntimeError):
+class DistributedEnvError(UserError, RuntimeError):
     """The env:// variables are half set."""
 
 
@@ -109,7 +115,17 @@ def progress(items: Iterable[T], total: int, desc: str, interval_s: float = 30.0
         if now - last >= interval_s or done == total:
             rate = done / max(now - start, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d %s (%.1f%%), %.2f %s/s, ETA %s", desc, done, total, unit, 100.0 * done / max(total, 1), rate, unit, _fmt_s(eta))
+            log.info(
+                "%s: %d/%d %s (%.1f%%), %.2f %s/s, ETA %s",
+                desc,
+                done,
+                total,
+                unit,
+                100.0 * done / max(total, 1),
+                rate,
+                unit,
+                _fmt_s(eta),
+            )
             last = now
 
 
@@ -119,3 +135,17 @@ def _fmt_s(seconds: float) -> str:
     minutes, sec = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+def wait_for_keys(store: Store, keys: list[str], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    """Block until every key exists in `store` (ranks coordinating without torch.distributed);
+    raise TimeoutError naming what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(keys)
+    while pending:
+        pending = [key for key in pending if not store.exists(key)]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}: {store.uri(pending[0])} never appeared")
+        time.sleep(poll_s)

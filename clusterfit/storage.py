@@ -27,9 +27,10 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from clusterfit.config import StorageConfig
+from clusterfit.errors import UserError
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Object storage failed; the message names the URI and what to check."""
 
 
@@ -166,7 +167,9 @@ class S3Backend:
     def put_bytes(self, key: str, data: bytes) -> None:
         if len(data) >= self.settings.MULTIPART_THRESHOLD_MB * 1024 * 1024:
             with _s3_errors(self.uri(key)):
-                self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config())
+                self.client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config()
+                )
             return
         with _s3_errors(self.uri(key)):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -225,7 +228,9 @@ def make_s3_client(settings: Any) -> Any:
         "request_checksum_calculation": settings.CHECKSUMS,
         "response_checksum_validation": settings.CHECKSUMS,
     }
-    endpoint = settings.ENDPOINT_URL or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = (
+        settings.ENDPOINT_URL or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    )
     region = settings.REGION or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint, region_name=region, config=BotoConfig(**options))
@@ -260,7 +265,9 @@ def _translate(exc: BaseException, uri: str) -> StorageError | None:
     )
 
     if isinstance(exc, NoCredentialsError):
-        return StorageError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+        return StorageError(
+            f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        )
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
         return StorageError(f"{uri}: S3 endpoint unreachable: {exc}")
     if isinstance(exc, S3UploadFailedError):
@@ -350,18 +357,3 @@ def read_uri(uri: str, settings: StorageConfig | None = None) -> bytes:
     """The bytes of one object named by its full URI."""
     head, tail = split_uri(uri)
     return open_store(head, settings).get_bytes(tail)
-
-
-def fetch_to_local(uri: str, settings: StorageConfig | None = None) -> Path:
-    """A local path for `uri`: the file itself for local URIs, else a temporary download."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser()
-        if not path.is_file():
-            raise NotFound(f"{uri}: no such file")
-        return path
-    head, tail = split_uri(uri)
-    fd, tmp = tempfile.mkstemp(suffix="-" + tail)
-    os.close(fd)
-    open_store(head, settings).get_file(tail, Path(tmp))
-    return Path(tmp)

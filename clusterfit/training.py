@@ -1,35 +1,44 @@
-"""What pretrain and train share: optimizer, LR schedule, epoch order, one epoch, checkpoints.
+"""Training shared by pretrain (RotNet) and train (ClusterFit): optimizer, LR schedule, epoch order,
+one epoch, and `fit()`, the whole of a training step.
 
-Plain functions that take every object explicitly (torchvision's references/classification shape).
-One checkpoint dict with fixed keys, written atomically: the file first, then the `latest.json`
-pointer, so a reader never sees a half-written checkpoint (on S3 too). A restarted step resumes
-from the pointer automatically; SIGTERM (a pod being evicted) writes one before exiting.
+`fit()` reads top to bottom: wrap for DDP, resume from the latest checkpoint, run the epochs
+(checkpointing every CHECKPOINT_FREQUENCY epochs and every CHECKPOINT_ITER_FREQUENCY steps, and on
+SIGTERM), then rank 0 writes final.pt and metrics.jsonl and publishes `_SUCCESS.json`. Plain
+functions that take every object explicitly (torchvision's references/classification shape).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
-import random
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
+from clusterfit import artifacts, distributed
+from clusterfit.artifacts.layout import FINAL_CHECKPOINT, METRICS_LOG
+from clusterfit.checkpoint import TrainState, final_checkpoint, load_latest, make_checkpoint, restore, save_checkpoint
 from clusterfit.config import Config, OptimizerConfig
 from clusterfit.runtime import Interrupted, progress
-from clusterfit.storage import NotFound, Store
+from clusterfit.storage import Store
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
-KEEP_CHECKPOINTS = 2
+
+# (images, targets) -> (inputs, targets) on the device: RotNet rotates here, ClusterFit passes through.
+BatchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LabelledImages(Sized, Protocol):
+    """A map-style dataset of (image, target) pairs."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
 
 
 def param_groups(model: nn.Module, opt: OptimizerConfig) -> list[dict[str, Any]]:
@@ -73,16 +82,6 @@ def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch: i
     return batches[skip:]
 
 
-@dataclass
-class TrainState:
-    """Everything a resumed run needs besides the model and optimizer."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    step_in_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 class StopRequested(Interrupted):
     """SIGTERM arrived; a checkpoint was written."""
 
@@ -100,69 +99,6 @@ class SigtermFlag:
         self.set = True
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(store: Store, folder: str, ckpt: dict[str, Any]) -> str:
-    """Write the checkpoint object, then move `latest.json` to it; keep the last KEEP_CHECKPOINTS."""
-    name = f"checkpoints/e{ckpt['epoch']:04d}-s{ckpt['step']:09d}.pt"
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    store.put_bytes(f"{folder}/{name}", buffer.getvalue())
-    store.put_bytes(f"{folder}/latest.json", json.dumps({"checkpoint": name, "epoch": ckpt["epoch"], "step": ckpt["step"]}).encode())
-    for old in sorted(store.list(f"{folder}/checkpoints/"))[:-KEEP_CHECKPOINTS]:
-        store.delete(old)
-    return name
-
-
-def load_latest(store: Store, folder: str) -> dict[str, Any] | None:
-    try:
-        pointer = json.loads(store.get_bytes(f"{folder}/latest.json"))
-    except NotFound:
-        return None
-    data = store.get_bytes(f"{folder}/{pointer['checkpoint']}")
-    ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"{store.uri(folder)}: checkpoint format {ckpt.get('format_version')} is not {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, state: TrainState, cfg: Config) -> dict[str, Any]:
-    return {
-        "format_version": CHECKPOINT_FORMAT,
-        "classy_state_dict": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"kind": "step", "epoch": state.epoch, "step": state.step},
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "epoch": state.epoch,
-        "step": state.step,
-        "step_in_epoch": state.step_in_epoch,
-        "history": state.history,
-        "rng": rng_state(),
-        "config": cfg.model_dump(mode="json"),
-    }
-
-
-def restore(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> TrainState:
-    unwrap(model).load_state_dict(ckpt["classy_state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return TrainState(ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"], list(ckpt["history"]))
-
-
 @dataclass
 class EpochContext:
     """The fixed objects one epoch needs (passed explicitly, no hidden state)."""
@@ -172,21 +108,24 @@ class EpochContext:
     loss_fn: nn.Module
     device: torch.device
     amp: bool
-    lr_fn: Any  # (fractional epoch) -> lr
+    lr_fn: Callable[[float], float]  # fractional epoch -> learning rate
     batches_per_epoch: int
-    step_fn: Any  # (images, targets) -> (inputs, targets): RotNet rotates here, ClusterFit passes through
-    on_step: Any  # (state) -> None: step-frequency checkpoints and SIGTERM
+    batch_fn: BatchFn
+    on_step: Callable[[TrainState], None]  # step-frequency checkpoints and SIGTERM
     progress_interval_s: float = 30.0
     memory_format: torch.memory_format = torch.contiguous_format
 
 
-def train_one_epoch(ctx: EpochContext, loader: Any, state: TrainState, epoch: int) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, top-1 on the training targets and images/s."""
+def train_one_epoch(
+    ctx: EpochContext, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], state: TrainState, epoch: int
+) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss, top-1 on the training targets, images/s and the last LR."""
     ctx.model.train()
-    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    total_loss, correct, seen, lr, start = 0.0, 0, 0, 0.0, time.perf_counter()
     todo = ctx.batches_per_epoch - state.step_in_epoch
     for images, targets in progress(loader, todo, f"epoch {epoch}", ctx.progress_interval_s, "step"):
-        inputs, labels = ctx.step_fn(images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True))
+        on_device = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+        inputs, labels = ctx.batch_fn(*on_device)
         inputs = inputs.contiguous(memory_format=ctx.memory_format)
         lr = ctx.lr_fn(epoch + state.step_in_epoch / ctx.batches_per_epoch)
         for group in ctx.optimizer.param_groups:
@@ -195,7 +134,9 @@ def train_one_epoch(ctx: EpochContext, loader: Any, state: TrainState, epoch: in
             logits = ctx.model(inputs)
             loss = ctx.loss_fn(logits.float(), labels)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"epoch {epoch} step {state.step}: loss is {loss.item()} (lower OPTIMIZER.BASE_LR?)")
+            raise FloatingPointError(
+                f"epoch {epoch} step {state.step}: loss is {loss.item()} (lower OPTIMIZER.BASE_LR?)"
+            )
         ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ctx.optimizer.step()
@@ -206,4 +147,176 @@ def train_one_epoch(ctx: EpochContext, loader: Any, state: TrainState, epoch: in
         seen += len(labels)
         ctx.on_step(state)
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "top1": 100.0 * correct / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9), "lr": lr if seen else 0.0}
+    seen_or_1 = max(seen, 1)
+    speed = seen / max(elapsed, 1e-9)
+    return {"loss": total_loss / seen_or_1, "top1": 100.0 * correct / seen_or_1, "images_per_s": speed, "lr": lr}
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole training step: pretrain and train differ only in their FitJob.
+
+
+@dataclass
+class FitJob:
+    """What differs between pretrain and train."""
+
+    step: str  # "pretrain" or "train"
+    folder: str
+    model: nn.Module
+    dataset: LabelledImages
+    batch_fn: BatchFn
+    optimizer_cfg: OptimizerConfig
+    batch_size: int
+    fingerprint: str
+    inputs: dict[str, str]
+    extra: dict[str, Any]
+
+
+@dataclass
+class FitResult:
+    folder: str
+    skipped: bool
+    resumed_from_epoch: int = -1
+    history: list[dict[str, Any]] | None = None
+
+
+class LabelledDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """(image, target) pairs from an ImageDataset and one int target per dataset index."""
+
+    def __init__(self, images: Any, targets: Any) -> None:
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _, _ = self.images[index]
+        return image, int(self.targets[index])
+
+
+def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitResult:
+    log.info("%s: writing to %s", job.step, store.uri(job.folder))
+    started = time.time()
+    # The model on its device (DDP across ranks), its optimizer, and the state to continue from.
+    model = job.model.to(dist.device)
+    if cfg.MODEL.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = build_optimizer(model, job.optimizer_cfg)
+    state, resumed = resume(cfg, store, job, model, optimizer)
+    # The epochs, each from its own seeded order; checkpoints as configured.
+    ctx = epoch_context(cfg, store, job, model, optimizer, dist)
+    num_epochs = job.optimizer_cfg.NUM_EPOCHS
+    for epoch in range(state.epoch, num_epochs):
+        batches = epoch_batches(
+            len(job.dataset),
+            epoch,
+            cfg.EXPERIMENT.SEED,
+            dist.rank,
+            dist.world_size,
+            job.batch_size,
+            state.step_in_epoch,
+        )
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = torch.utils.data.DataLoader(
+            job.dataset,  # type: ignore[arg-type]  # any map-style dataset of (image, target)
+            batch_sampler=batches,
+            num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+            pin_memory=dist.device.type == "cuda",
+        )
+        stats = train_one_epoch(ctx, loader, state, epoch)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.history.append({"epoch": epoch + 1, "step": state.step, **stats})
+        log.info("%s epoch %d/%d: %s", job.step, epoch + 1, num_epochs, epoch_summary(stats))
+        due = (epoch + 1) % cfg.CHECKPOINT.CHECKPOINT_FREQUENCY == 0 or epoch + 1 == num_epochs
+        if dist.is_main and due:
+            save_checkpoint(store, job.folder, make_checkpoint(model, optimizer, state, cfg, job.fingerprint))
+            write_metrics(store, job.folder, state.history)
+    # Publication: rank 0 writes final.pt and the metrics, then _SUCCESS.json.
+    if dist.is_main:
+        publish(cfg, store, job, model, state, started)
+    distributed.barrier()
+    return FitResult(job.folder, False, resumed, state.history)
+
+
+def epoch_summary(stats: dict[str, float]) -> str:
+    speed = f"lr {stats['lr']:.4g}, {stats['images_per_s']:.0f} samples/s"
+    return f"loss {stats['loss']:.4f}, top-1 {stats['top1']:.2f}%, {speed}"
+
+
+def resume(
+    cfg: Config, store: Store, job: FitJob, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainState, int]:
+    """The state in the latest checkpoint of this job's config and inputs, and its epoch (-1: from scratch)."""
+    torch.manual_seed(cfg.EXPERIMENT.SEED)
+    if not cfg.CHECKPOINT.AUTO_RESUME:
+        return TrainState(), -1
+    ckpt = load_latest(store, job.folder)
+    if ckpt is None:
+        return TrainState(), -1
+    if ckpt.get("fingerprint") != job.fingerprint:
+        where = store.uri(job.folder)
+        log.warning(
+            "%s: the checkpoint at %s belongs to another config or input; starting from scratch", job.step, where
+        )
+        return TrainState(), -1
+    state = restore(ckpt, model, optimizer)
+    log.info("%s: resuming from epoch %d, step %d (%s)", job.step, state.epoch, state.step, store.uri(job.folder))
+    return state, state.epoch
+
+
+def epoch_context(
+    cfg: Config, store: Store, job: FitJob, model: nn.Module, optimizer: torch.optim.Optimizer, dist: distributed.Dist
+) -> EpochContext:
+    sigterm = SigtermFlag()
+    every = cfg.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY
+    global_batch = job.batch_size * dist.world_size
+
+    def on_step(state: TrainState) -> None:
+        due = every > 0 and state.step % every == 0
+        if dist.is_main and (due or sigterm.set):
+            save_checkpoint(store, job.folder, make_checkpoint(model, optimizer, state, cfg, job.fingerprint))
+        if sigterm.set:
+            raise StopRequested(f"{job.step}: stopped by SIGTERM at step {state.step}; a checkpoint was written")
+
+    def lr_fn(epoch: float) -> float:
+        return lr_at(epoch, job.optimizer_cfg, global_batch, cfg.DISTRIBUTED.NUM_NODES)
+
+    return EpochContext(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(),
+        device=dist.device,
+        amp=dist.device.type == "cuda" and cfg.MODEL.AMP_PARAMS.USE_AMP,
+        lr_fn=lr_fn,
+        batches_per_epoch=(len(job.dataset) // dist.world_size) // job.batch_size,
+        batch_fn=job.batch_fn,
+        on_step=on_step,
+        memory_format=torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format,
+        progress_interval_s=cfg.LOG.PROGRESS_INTERVAL_S,
+    )
+
+
+def write_metrics(store: Store, folder: str, history: list[dict[str, Any]]) -> bytes:
+    data = "".join(json.dumps(row) + "\n" for row in history).encode()
+    store.put_bytes(f"{folder}/{METRICS_LOG}", data)
+    return data
+
+
+def publish(cfg: Config, store: Store, job: FitJob, model: nn.Module, state: TrainState, started: float) -> None:
+    ledger = artifacts.Ledger(store, job.folder)
+    ledger.put_bytes(FINAL_CHECKPOINT, final_checkpoint(model, state, cfg))
+    ledger.record(METRICS_LOG, write_metrics(store, job.folder, state.history))
+    artifacts.publish(
+        ledger,
+        step=job.step,
+        config=cfg.model_dump(mode="json"),
+        inputs=job.inputs,
+        fingerprint_=job.fingerprint,
+        started_s=started,
+        extra={"epochs": state.epoch, "steps": state.step, **job.extra},
+    )
+    where = store.uri(f"{job.folder}/{FINAL_CHECKPOINT}")
+    log.info("%s: published %s after %d epochs", job.step, where, state.epoch)

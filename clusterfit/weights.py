@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from clusterfit.config import StorageConfig, WeightsInitConfig
+from clusterfit.artifacts.lineage import StartWeights
+from clusterfit.config import Config, StorageConfig, WeightsInitConfig
+from clusterfit.errors import UserError
+from clusterfit.models import Network, build_network
 from clusterfit.storage import read_uri
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 _ALIASES = (("base_model.model.", ""), ("trunk.base_model._feature_blocks.", "trunk._feature_blocks."))
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A checkpoint that does not fit the model; the message names the file and the key."""
 
 
@@ -76,7 +79,7 @@ def select_state_dict(checkpoint: Any, key_name: str, source: str) -> dict[str, 
                 keys = sorted(node)[:10] if isinstance(node, dict) else type(node).__name__
                 raise WeightsError(
                     f"{source}: MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME={key_name!r}: key {part!r} not found "
-                    f"(available: {keys}); use \"\" if the file is a plain state dict"
+                    f'(available: {keys}); use "" if the file is a plain state dict'
                 )
             node = node[part]
     if not isinstance(node, dict):
@@ -100,7 +103,7 @@ def rename_keys(state: dict[str, torch.Tensor], cfg: WeightsInitConfig) -> tuple
     renamed: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in state.items():
-        if any(pattern and pattern in key for pattern in cfg.SKIP_LAYERS):
+        if skipped_by(key, cfg.SKIP_LAYERS):
             skipped.append(key)
             continue
         if cfg.REMOVE_PREFIX and key.startswith(cfg.REMOVE_PREFIX):
@@ -129,12 +132,13 @@ def load_weights(
             continue
         if tuple(value.shape) != tuple(expected[key].shape):
             raise WeightsError(
-                f"{source}: shape mismatch for {key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)} "
+                f"{source}: shape mismatch for {key}: checkpoint {tuple(value.shape)} vs model "
+                f"{tuple(expected[key].shape)} "
                 "(is MODEL.TRUNK.NAME / SMALL_IMAGE_STEM the architecture the checkpoint was trained with?)"
             )
         usable[key] = value
     report.loaded = sorted(usable)
-    report.missing = sorted(k for k in expected if k not in usable and not _skippable(k, cfg))
+    report.missing = sorted(k for k in expected if k not in usable and not skipped_by(k, cfg.SKIP_LAYERS))
     trunk_missing = [k for k in report.missing if k.startswith("trunk.")]
     if require_trunk and trunk_missing:
         sample = ", ".join(trunk_missing[:3])
@@ -150,5 +154,21 @@ def load_weights(
     return report
 
 
-def _skippable(key: str, cfg: WeightsInitConfig) -> bool:
-    return any(pattern and pattern in key for pattern in cfg.SKIP_LAYERS)
+def skipped_by(key: str, patterns: list[str]) -> bool:
+    """Whether SKIP_LAYERS keeps `key` out: it contains one of the (non-empty) patterns."""
+    return any(pattern and pattern in key for pattern in patterns)
+
+
+def starting_model(cfg: Config, start: StartWeights) -> Network:
+    """The network extraction starts from: MODEL.TRUNK with the start weights loaded (random when there are none)."""
+    torch.manual_seed(cfg.EXPERIMENT.SEED)
+    model = build_network(cfg.MODEL.TRUNK)
+    if start.random:
+        log.warning(
+            "no MODEL.WEIGHTS_INIT.PARAMS_FILE and no pretrain step: extracting features of a RANDOMLY INITIALISED %s",
+            cfg.MODEL.TRUNK.NAME,
+        )
+        return model
+    assert start.options is not None
+    load_weights(model, start.options.model_copy(update={"PARAMS_FILE": start.uri}), cfg.STORAGE, require_trunk=True)
+    return model

@@ -6,11 +6,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from clusterfit.config import Config, load_config
+from clusterfit.config import Config, config_from_args
+from clusterfit.storage import Store, open_store
+
+if TYPE_CHECKING:
+    from tests.s3server import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.s3server"]
@@ -33,17 +37,32 @@ def tiny_overrides(root: Path | str, **extra: Any) -> list[str]:
 
 
 def tiny_config(root: Path | str, **extra: Any) -> Config:
-    return load_config(tiny_overrides(root, **extra))
+    return config_from_args(tiny_overrides(root, **extra))
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """`python -m clusterfit ARGS` in a subprocess (what a user runs), output captured."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         full_env.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-m", "clusterfit", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "clusterfit", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def error_of(result: subprocess.CompletedProcess[str]) -> str:
+    """The user-facing error of a failed CLI run: non-zero exit, one `clusterfit: error:` line, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "clusterfit: error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    print(result.stderr.strip())
+    return str(result.stderr)
 
 
 def run_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -51,6 +70,16 @@ def run_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     proc = cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The same tests on both backends: a local folder and a prefix of a fresh bucket."""
+    if request.param == "file":
+        return open_store((tmp_path / "root").as_uri())
+    server: S3Server = request.getfixturevalue("s3_env")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    return open_store(f"{bucket}/exp", server.settings())
 
 
 @pytest.fixture

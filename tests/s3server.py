@@ -143,7 +143,9 @@ def start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"moto server did not answer within {START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"moto server did not answer within {START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}"
+            )
         time.sleep(0.1)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clusterfit.config import Config, load_config
+from clusterfit.config import Config, config_from_args, load_config
 from clusterfit.data import BadImageError, DatasetError, build_dataset, build_source, eval_transform
 
 
@@ -73,7 +73,7 @@ def test_digits_sizes_targets_and_pixels() -> None:
 
 
 def test_digits_upsampled_for_the_network() -> None:
-    cfg = load_config(["config=quickstart"])
+    cfg = config_from_args(["config=quickstart"])
     dataset = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
     image, index, ok = dataset[5]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
@@ -87,14 +87,18 @@ def test_synthetic_is_deterministic_and_balanced() -> None:
     assert np.bincount(first.targets).tolist() == [3] * 10
     assert np.array_equal(np.asarray(first.load(7)), np.asarray(second.load(7)))
     assert not np.array_equal(np.asarray(first.load(7)), np.asarray(first.load(17)))
-    other_seed = load_config(overrides={"EXPERIMENT": {"SEED": 1}, "DATA": {"TRAIN": {"DATA_SOURCES": ["synthetic"], "IMAGE_SIZE": 8}}})
+    other_seed = load_config(
+        overrides={"EXPERIMENT": {"SEED": 1}, "DATA": {"TRAIN": {"DATA_SOURCES": ["synthetic"], "IMAGE_SIZE": 8}}}
+    )
     assert not np.array_equal(np.asarray(build_source(other_seed, "TRAIN").load(7)), np.asarray(first.load(7)))
 
 
 @pytest.mark.parametrize("limit, expected", [(7, 7), (0, 0), (-1, 50), (500, 50)])
 def test_data_limit_keeps_the_first_images_in_order(limit: int, expected: int) -> None:
     full = build_source(config("TRAIN", DATA_SOURCES=["synthetic"], SYNTHETIC_SIZE=50, IMAGE_SIZE=8), "TRAIN")
-    cut = build_source(config("TRAIN", DATA_SOURCES=["synthetic"], SYNTHETIC_SIZE=50, IMAGE_SIZE=8, DATA_LIMIT=limit), "TRAIN")
+    cut = build_source(
+        config("TRAIN", DATA_SOURCES=["synthetic"], SYNTHETIC_SIZE=50, IMAGE_SIZE=8, DATA_LIMIT=limit), "TRAIN"
+    )
     assert len(cut) == expected
     assert cut.targets is not None and full.targets is not None
     np.testing.assert_array_equal(cut.targets, full.targets[:expected])
@@ -113,7 +117,7 @@ def test_data_limit_on_digits() -> None:
 
 def test_unconfigured_split_is_an_error_naming_the_key() -> None:
     with pytest.raises(DatasetError, match=r"DATA\.TEST\.DATA_SOURCES"):
-        build_source(load_config([]), "TEST")
+        build_source(config_from_args([]), "TEST")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +150,9 @@ def test_disk_folder_order_and_targets_match_torchvision(tmp_path: Path) -> None
 
 def test_disk_folder_nested_subfolders_order_like_torchvision(tmp_path: Path) -> None:
     # A class folder with sub-folders: torchvision lists a folder's own files before its sub-folders'.
-    write_tree(tmp_path, {"cat/z.png": (1, 1, 1), "cat/sub/a.png": (2, 2, 2), "cat/a.png": (3, 3, 3), "dog/d.png": (4, 4, 4)})
+    write_tree(
+        tmp_path, {"cat/z.png": (1, 1, 1), "cat/sub/a.png": (2, 2, 2), "cat/a.png": (3, 3, 3), "dog/d.png": (4, 4, 4)}
+    )
     source: Any = build_source(config("TRAIN", DATA_SOURCES=["disk_folder"], DATA_PATHS=[tmp_path.as_uri()]), "TRAIN")
     assert folder_order(source, tmp_path) == torchvision_order(tmp_path)
 
@@ -177,20 +183,26 @@ def test_disk_filelist_with_labels_keeps_the_file_order(tmp_path: Path) -> None:
     source: Any = build_source(config("TRAIN", DATA_SOURCES=["disk_filelist"], DATA_PATHS=[str(listing)]), "TRAIN")
     assert len(source) == 3
     assert source.targets.tolist() == [3, 1, 0] and source.targets.dtype == np.int64
-    assert [source.name(i) for i in range(3)] == [(tmp_path / k).as_uri() for k in ("imgs/b.png", "imgs/a.png", "other/c.png")]
+    assert [source.name(i) for i in range(3)] == [
+        (tmp_path / k).as_uri() for k in ("imgs/b.png", "imgs/a.png", "other/c.png")
+    ]
     assert [source.load(i).getpixel((0, 0))[0] for i in range(3)] == [10, 20, 30]
 
 
 def test_disk_filelist_without_labels(tmp_path: Path) -> None:
     write_tree(tmp_path, {"a.png": (1, 1, 1), "b.png": (2, 2, 2)})
     (tmp_path / "list.txt").write_text("b.png\na.png\n")
-    source: Any = build_source(config("TRAIN", DATA_SOURCES=["disk_filelist"], DATA_PATHS=[str(tmp_path / "list.txt")]), "TRAIN")
+    source: Any = build_source(
+        config("TRAIN", DATA_SOURCES=["disk_filelist"], DATA_PATHS=[str(tmp_path / "list.txt")]), "TRAIN"
+    )
     assert len(source) == 2 and source.targets is None
     assert source.load(0).getpixel((0, 0)) == (2, 2, 2)
 
 
 @pytest.mark.parametrize(
-    "text, needle", [("a.png,1\nb.png\n", "label all or none"), ("a.png,1\nb.png,cat\n", ":2: label 'cat'")], ids=["partial", "not-int"]
+    "text, needle",
+    [("a.png,1\nb.png\n", "label all or none"), ("a.png,1\nb.png,cat\n", ":2: label 'cat'")],
+    ids=["partial", "not-int"],
 )
 def test_disk_filelist_bad_labels_name_the_file(tmp_path: Path, text: str, needle: str) -> None:
     (tmp_path / "list.txt").write_text(text)
@@ -233,7 +245,12 @@ def folder_dataset(root: Path, on_bad_image: str) -> Any:
 def test_corrupt_image_is_an_error_naming_the_file(tree_with_bad_images: Path) -> None:
     dataset = folder_dataset(tree_with_bad_images, "error")
     names = [dataset.source.name(i) for i in range(len(dataset))]
-    assert [n.rsplit("/", 2)[-2:] for n in names] == [["a", "garbage.png"], ["a", "good.png"], ["b", "good.png"], ["b", "truncated.png"]]
+    assert [n.rsplit("/", 2)[-2:] for n in names] == [
+        ["a", "garbage.png"],
+        ["a", "good.png"],
+        ["b", "good.png"],
+        ["b", "truncated.png"],
+    ]
     for index in (0, 3):
         with pytest.raises(BadImageError) as err:
             dataset[index]

@@ -17,15 +17,23 @@ def blobs(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
 
 def objective(x: np.ndarray, centroids: np.ndarray) -> float:
     """Sum of squared distances to the nearest centroid: an oracle independent of every backend."""
-    sq = (x**2).sum(1)[:, None] - 2 * x.astype(np.float64) @ centroids.T.astype(np.float64) + (centroids.astype(np.float64) ** 2).sum(1)[None]
+    sq = (
+        (x**2).sum(1)[:, None]
+        - 2 * x.astype(np.float64) @ centroids.T.astype(np.float64)
+        + (centroids.astype(np.float64) ** 2).sum(1)[None]
+    )
     return float(np.maximum(sq.min(1), 0).sum())
 
 
 def test_faiss_torch_and_sklearn_reach_the_same_objective() -> None:
     x, k, niter = blobs(6000, 32, 60), 60, 20
     init = x[np.random.default_rng(1).choice(len(x), k, replace=False)]
-    faiss_c = kmeans.train_faiss(x, k, niter=niter, seed=1, max_points_per_centroid=256, algorithm="lloyd", init_centroids=init.copy()).centroids
-    torch_c = kmeans_torch.train_torch(x, k, niter=niter, seed=1, max_points_per_centroid=256, init_centroids=init.copy()).centroids
+    faiss_c = kmeans.train_faiss(
+        x, k, niter=niter, seed=1, max_points_per_centroid=256, algorithm="lloyd", init_centroids=init.copy()
+    ).centroids
+    torch_c = kmeans_torch.train_torch(
+        x, k, niter=niter, seed=1, max_points_per_centroid=256, init_centroids=init.copy()
+    ).centroids
     sk_c = KMeans(k, init=init.copy(), n_init=1, max_iter=niter, algorithm="lloyd", tol=0).fit(x).cluster_centers_
     objs = {name: objective(x, c) for name, c in (("faiss", faiss_c), ("torch", torch_c), ("sklearn", sk_c))}
     low = min(objs.values())

@@ -19,17 +19,27 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path: Path) -> None:
     assert f"Report: {(root / 'eval/report.html').as_uri()}" in first.stdout
     metrics = json.loads((root / "eval/metrics.json").read_text())
     models = {(r["model"], r["layer"]) for r in metrics["rows"]}
-    assert {("pixels", "pixels"), ("random", "res4"), ("start", "res4"), ("start", "res5avg"), ("clusterfit", "res5avg")} <= models
+    assert {
+        ("pixels", "pixels"),
+        ("random", "res4"),
+        ("start", "res4"),
+        ("start", "res5avg"),
+        ("clusterfit", "res5avg"),
+    } <= models
     assert {c["verdict"] for c in metrics["comparison"]} <= {"better", "worse", "within noise"}
     # res4 and res5avg x (kNN, kNN 1-shot, kNN 10-shot, linear): the quickstart's EVALUATE.LOW_SHOT is [1, 10]
     assert len(metrics["comparison"]) == 8 and 0.0 <= metrics["clusters"]["TRAIN"]["nmi"] <= 1.0
-    ten_shot = next(r for r in metrics["rows"] if r["model"] == "clusterfit" and r["layer"] == "res5avg")["low_shot"]["10"]
+    ten_shot = next(r for r in metrics["rows"] if r["model"] == "clusterfit" and r["layer"] == "res5avg")["low_shot"][
+        "10"
+    ]
     assert len(ten_shot["per_draw"]) == 20 and ten_shot["top1"] == pytest.approx(sum(ten_shot["per_draw"]) / 20)
     report = (root / "eval/report.md").read_text()
     assert "Did ClusterFit beat the features it started from?" in report and "| clusterfit | res5avg |" in report
     assert "kNN 10-shot top-1 (%)" in report and "- res5avg kNN 1-shot top-1: ClusterFit" in report
     counts = [sum(c["verdict"] == v for c in metrics["comparison"]) for v in ("better", "worse", "within noise")]
-    summary = "Summary: ClusterFit vs. start is better on {} of 8 metrics, worse on {}, within noise on {}.".format(*counts)
+    summary = "Summary: ClusterFit vs. start is better on {} of 8 metrics, worse on {}, within noise on {}.".format(
+        *counts
+    )
     assert summary in report and summary in first.stdout
     for png in ("cluster_sizes.png", "cluster_examples.png", "training_curves.png"):
         assert (root / "eval" / png).read_bytes()[:4] == b"\x89PNG"

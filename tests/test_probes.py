@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clusterfit.config import ConfigError
-from clusterfit.evaluate import compare, knn_top1, low_shot_subsets, pixel_features
+from clusterfit.probes import compare, knn_top1, low_shot_subsets
+from clusterfit.steps.evaluate import pixel_features
 from tests.conftest import cli, tiny_overrides
 
 
@@ -30,7 +31,9 @@ def test_low_shot_subsets_hold_n_images_of_every_class_and_repeat_with_the_seed(
 
 def test_low_shot_beyond_the_smallest_class_fails_naming_key_class_and_count() -> None:
     y = np.repeat(np.arange(4), [12, 3, 30, 2])
-    with pytest.raises(ConfigError, match=r"EVALUATE.LOW_SHOT: 5 labelled images per class .* class 1 has 3 .*2 classes have fewer"):
+    with pytest.raises(
+        ConfigError, match=r"EVALUATE.LOW_SHOT: 5 labelled images per class .* class 1 has 3 .*2 classes have fewer"
+    ):
         low_shot_subsets(y, [1, 5], draws=2, seed=0)
 
 
@@ -47,8 +50,14 @@ def test_low_shot_knn_uses_only_the_subset_as_its_memory_bank() -> None:
 
 
 def row(model: str, knn: float, per_draw: list[float]) -> dict:
-    return {"model": model, "layer": "res5avg", "dim": 4, "knn_top1": knn, "linear_top1": 90.0,
-            "low_shot": {"10": {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}}}  # fmt: skip
+    return {
+        "model": model,
+        "layer": "res5avg",
+        "dim": 4,
+        "knn_top1": knn,
+        "linear_top1": 90.0,
+        "low_shot": {"10": {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}},
+    }
 
 
 def test_a_low_shot_difference_counts_only_beyond_the_spread_of_its_paired_draws() -> None:
@@ -81,7 +90,9 @@ def test_run_refuses_a_low_shot_count_the_data_cannot_give_before_any_step(tmp_p
 
 def test_the_pixel_baseline_stays_small_at_any_image_size() -> None:
     small = torch.rand(3, 3, 16, 16)
-    np.testing.assert_array_equal(pixel_features(small, 32), small.flatten(1).numpy())  # at or under the size: untouched
+    np.testing.assert_array_equal(
+        pixel_features(small, 32), small.flatten(1).numpy()
+    )  # at or under the size: untouched
     large = torch.rand(2, 3, 224, 160)
     pooled = pixel_features(large, 32)
     assert pooled.shape == (2, 3 * 32 * 32) and pooled.dtype == np.float32

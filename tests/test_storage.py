@@ -1,4 +1,4 @@
-"""The storage seam and the artifact manifests, on local files and on a real S3 server (moto, see s3server.py)."""
+"""The storage seam on local files and on a real S3 server (moto, see s3server.py)."""
 
 from __future__ import annotations
 
@@ -17,35 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clusterfit import artifacts
-from clusterfit.config import StorageConfig, load_config
+from clusterfit.config import StorageConfig, config_from_args
 from clusterfit.storage import NotFound, StorageError, Store, open_store
 from tests.s3server import S3Server, free_port
 
 MB = 1024 * 1024
 BOUND_S = 20.0  # what "within a bounded time" means for the failure cases below
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    """The same tests on both backends: a local folder and a prefix of a fresh bucket."""
-    if request.param == "file":
-        return open_store((tmp_path / "root").as_uri())
-    server: S3Server = request.getfixturevalue("s3_env")
-    bucket: str = request.getfixturevalue("s3_bucket")
-    return open_store(f"{bucket}/exp", server.settings())
-
-
-def ledger_folder(store: Store, folder: str = "clusters/k3") -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Publish a small cluster-like folder; returns (manifest, labels, centroids)."""
-    labels = np.arange(40, dtype=np.int64) % 3
-    centroids = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
-    ledger = artifacts.Ledger(store, folder)
-    ledger.put_array("labels.npy", labels)
-    ledger.put_array("centroids.npy", centroids)
-    ledger.put_json("stats.json", {"sizes": np.bincount(labels).tolist()})
-    artifacts.publish(ledger, step="cluster", config={}, inputs={}, fingerprint_="fp", started_s=time.time())
-    return artifacts.read_manifest(store, folder), labels, centroids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,10 +55,22 @@ def test_missing_object_is_not_found_naming_the_uri(store: Store) -> None:
 
 
 def test_list_exists_delete(store: Store) -> None:
-    for key in ["features/TRAIN/part-0.npy", "features/TRAIN/part-1.npy", "features/TEST/part-0.npy", "clusters/k1/x", "top.json"]:
+    for key in [
+        "features/TRAIN/part-0.npy",
+        "features/TRAIN/part-1.npy",
+        "features/TEST/part-0.npy",
+        "clusters/k1/x",
+        "top.json",
+    ]:
         store.put_bytes(key, key.encode())
     assert store.list() == sorted(
-        ["clusters/k1/x", "features/TEST/part-0.npy", "features/TRAIN/part-0.npy", "features/TRAIN/part-1.npy", "top.json"]
+        [
+            "clusters/k1/x",
+            "features/TEST/part-0.npy",
+            "features/TRAIN/part-0.npy",
+            "features/TRAIN/part-1.npy",
+            "top.json",
+        ]
     )
     assert store.list("features/TRAIN/") == ["features/TRAIN/part-0.npy", "features/TRAIN/part-1.npy"]
     assert store.list("features/TRAIN/part-1") == ["features/TRAIN/part-1.npy"]
@@ -100,31 +89,6 @@ def test_list_prefix_means_the_same_on_both_backends(store: Store) -> None:
         store.put_bytes(key, b"x")
     assert store.list("clusters/k1") == ["clusters/k1.json", "clusters/k1/labels.npy", "clusters/k10/labels.npy"]
     assert store.list("clusters/k1/") == ["clusters/k1/labels.npy"]
-
-
-def test_altered_object_is_caught_by_the_manifest(store: Store) -> None:
-    manifest, labels, centroids = ledger_folder(store)
-    np.testing.assert_array_equal(artifacts.load_array(store, "clusters/k3", "labels.npy", manifest), labels)
-    assert manifest["files"]["centroids.npy"]["shape"] == [3, 8]
-    assert manifest["files"]["centroids.npy"]["dtype"] == "<f4"
-    # Same shape, same size, different content: only the sha256 can tell.
-    store.put_array("clusters/k3/labels.npy", (labels + 1) % 3)
-    with pytest.raises(artifacts.ArtifactError) as err:
-        artifacts.load_array(store, "clusters/k3", "labels.npy", manifest)
-    message = str(err.value)
-    print(message)
-    assert store.uri("clusters/k3/labels.npy") in message and "altered" in message
-    np.testing.assert_array_equal(artifacts.load_array(store, "clusters/k3", "centroids.npy", manifest), centroids)
-
-
-def test_folder_without_success_manifest_is_refused(store: Store) -> None:
-    ledger = artifacts.Ledger(store, "features/TRAIN/res5")
-    ledger.put_array("part-0-0.npy", np.zeros((4, 2), dtype=np.float32))  # the step died before publishing
-    with pytest.raises(artifacts.ArtifactError) as err:
-        artifacts.read_manifest(store, "features/TRAIN/res5")
-    print(err.value)
-    assert store.uri("features/TRAIN/res5") in str(err.value) and "_SUCCESS.json" in str(err.value)
-    assert not artifacts.is_published(store, "features/TRAIN/res5", "any")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +181,9 @@ def test_small_objects_are_single_part(s3_env: S3Server, s3_bucket: str) -> None
 
 
 def test_client_follows_the_storage_settings(s3_env: S3Server, s3_bucket: str) -> None:
-    settings = s3_env.settings(MAX_ATTEMPTS=7, CONNECT_TIMEOUT_S=3, READ_TIMEOUT_S=11, MULTIPART_CHUNKSIZE_MB=6, MAX_CONCURRENCY=3)
+    settings = s3_env.settings(
+        MAX_ATTEMPTS=7, CONNECT_TIMEOUT_S=3, READ_TIMEOUT_S=11, MULTIPART_CHUNKSIZE_MB=6, MAX_CONCURRENCY=3
+    )
     backend: Any = open_store(f"{s3_bucket}/exp", settings).backend
     config = backend.client.meta.config
     assert config.retries["mode"] == "standard"
@@ -251,7 +217,9 @@ def test_checksums_switch(s3_env: S3Server, s3_bucket: str, mode: str) -> None:
     sent = capture_put_headers(store)
     store.put_bytes("x.bin", b"checksummed?")
     assert store.get_bytes("x.bin") == b"checksummed?"
-    checksum_headers = sorted(k for k in sent[0] if k.lower().startswith(("x-amz-checksum", "x-amz-sdk-checksum", "x-amz-trailer")))
+    checksum_headers = sorted(
+        k for k in sent[0] if k.lower().startswith(("x-amz-checksum", "x-amz-sdk-checksum", "x-amz-trailer"))
+    )
     print(mode, checksum_headers)
     # boto3's newer default adds a CRC checksum to every upload; 'when_required' sends none.
     assert bool(checksum_headers) == (mode == "when_supported")
@@ -264,7 +232,12 @@ def test_checksums_switch(s3_env: S3Server, s3_bucket: str, mode: str) -> None:
 )
 @pytest.mark.parametrize("operation", ["put", "get", "exists", "list", "multipart-put"])
 def test_wrong_credentials_give_a_clear_error_quickly(
-    s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, access_key: str | None, secret_key: str, operation: str
+    s3_env: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    access_key: str | None,
+    secret_key: str,
+    operation: str,
 ) -> None:
     s3_env.client().put_object(Bucket=s3_bucket[5:], Key="exp/x.bin", Body=b"x")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key or s3_env.access_key)
@@ -287,7 +260,9 @@ def test_wrong_credentials_give_a_clear_error_quickly(
     assert "access denied" in str(err.value) and "credentials" in str(err.value)
 
 
-def test_missing_credentials_give_a_clear_error_quickly(s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_credentials_give_a_clear_error_quickly(
+    s3_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     store = open_store(f"{s3_bucket}/exp", s3_env.settings())
@@ -311,7 +286,9 @@ def silent_listener() -> Iterator[int]:
 @pytest.mark.parametrize("operation", ["put", "get", "exists", "list"])
 def test_unreachable_endpoint_gives_a_clear_error_quickly(s3_env: S3Server, operation: str) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # a closed port
-    store = open_store("s3://some-bucket/exp", s3_env.settings(ENDPOINT_URL=endpoint, CONNECT_TIMEOUT_S=1, MAX_ATTEMPTS=2))
+    store = open_store(
+        "s3://some-bucket/exp", s3_env.settings(ENDPOINT_URL=endpoint, CONNECT_TIMEOUT_S=1, MAX_ATTEMPTS=2)
+    )
     attempts: list[str] = []
     store.backend.client.meta.events.register("before-send", lambda **kw: attempts.append(kw["event_name"]))  # type: ignore[attr-defined]
     run = {
@@ -331,7 +308,9 @@ def test_unreachable_endpoint_gives_a_clear_error_quickly(s3_env: S3Server, oper
 
 
 def test_silent_endpoint_times_out(s3_env: S3Server, silent_listener: int) -> None:
-    settings = s3_env.settings(ENDPOINT_URL=f"http://127.0.0.1:{silent_listener}", CONNECT_TIMEOUT_S=1, READ_TIMEOUT_S=1, MAX_ATTEMPTS=2)
+    settings = s3_env.settings(
+        ENDPOINT_URL=f"http://127.0.0.1:{silent_listener}", CONNECT_TIMEOUT_S=1, READ_TIMEOUT_S=1, MAX_ATTEMPTS=2
+    )
     store = open_store("s3://some-bucket/exp", settings)
     started = time.monotonic()
     with pytest.raises(StorageError) as err:
@@ -407,7 +386,7 @@ def test_disk_folder_from_an_s3_prefix(s3_env: S3Server, s3_bucket: str, tmp_pat
         (tmp_path / key).write_bytes(png(color))
     client.put_object(Bucket=bucket, Key="imgs/README.txt", Body=b"not an image")
     client.put_object(Bucket=bucket, Key="imgs/zebra/notes.txt", Body=b"not an image")
-    cfg = load_config(
+    cfg = config_from_args(
         [
             "config.DATA.TRAIN.DATA_SOURCES=[disk_folder]",
             f"config.DATA.TRAIN.DATA_PATHS=[{s3_bucket}/imgs]",
@@ -418,7 +397,13 @@ def test_disk_folder_from_an_s3_prefix(s3_env: S3Server, s3_bucket: str, tmp_pat
     source: Any = build_source(cfg, "TRAIN")
     reference = ImageFolder(str(tmp_path))  # torchvision's order is the oracle
     expected = [(Path(path).relative_to(tmp_path).as_posix(), target) for path, target in reference.samples]
-    assert expected == [("apple/a.png", 0), ("apple/b.png", 0), ("mango/only.PNG", 1), ("zebra/10.png", 2), ("zebra/2.png", 2)]
+    assert expected == [
+        ("apple/a.png", 0),
+        ("apple/b.png", 0),
+        ("mango/only.PNG", 1),
+        ("zebra/10.png", 2),
+        ("zebra/2.png", 2),
+    ]
     assert len(source) == 5
     assert [source.name(i) for i in range(5)] == [f"{s3_bucket}/imgs/{key}" for key, _ in expected]
     assert source.targets.tolist() == [target for _, target in expected]

@@ -7,7 +7,7 @@ import torch
 
 from clusterfit.config import OptimizerConfig
 from clusterfit.models import Network
-from clusterfit.pretrain import rotate_batch
+from clusterfit.steps.pretrain import rotate_batch
 from clusterfit.training import epoch_batches, lr_at, param_groups, peak_lr
 
 VISSL = OptimizerConfig()  # the ImageNet recipe's defaults

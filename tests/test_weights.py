@@ -39,7 +39,12 @@ def torchvision_checkpoint(net: Network) -> dict[str, torch.Tensor]:
 
 def vissl_checkpoint(net: Network) -> dict:
     trunk = {k.removeprefix("trunk."): v for k, v in net.state_dict().items() if k.startswith("trunk.")}
-    return {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {"0.clf.0.weight": torch.zeros(10, 512)}}}}, "phase_idx": 3}
+    return {
+        "classy_state_dict": {
+            "base_model": {"model": {"trunk": trunk, "heads": {"0.clf.0.weight": torch.zeros(10, 512)}}}
+        },
+        "phase_idx": 3,
+    }
 
 
 def features_after_loading(path: Path, images: torch.Tensor, **options: object) -> dict[str, torch.Tensor]:
@@ -64,7 +69,9 @@ def test_vissl_and_torchvision_layouts_give_identical_features(tmp_path: Path, r
     net, images, _ = reference
     torch.save(torchvision_checkpoint(net), tmp_path / "tv.pth")
     torch.save(vissl_checkpoint(net), tmp_path / "vissl.torch")
-    tv = features_after_loading(tmp_path / "tv.pth", images, STATE_DICT_KEY_NAME="", APPEND_PREFIX="trunk._feature_blocks.")
+    tv = features_after_loading(
+        tmp_path / "tv.pth", images, STATE_DICT_KEY_NAME="", APPEND_PREFIX="trunk._feature_blocks."
+    )
     vissl = features_after_loading(tmp_path / "vissl.torch", images)  # the seed's defaults
     for layer in tv:
         assert torch.equal(tv[layer], vissl[layer])
@@ -81,20 +88,33 @@ def test_a_forgotten_prefix_is_an_error_not_a_random_trunk(tmp_path: Path, refer
     net, _, _ = reference
     torch.save(torchvision_checkpoint(net), tmp_path / "tv.pth")
     with pytest.raises(WeightsError, match=r"trunk parameters not found.*APPEND_PREFIX"):
-        load_weights(Network("resnet18"), WeightsInitConfig(PARAMS_FILE=str(tmp_path / "tv.pth"), STATE_DICT_KEY_NAME=""))
+        load_weights(
+            Network("resnet18"), WeightsInitConfig(PARAMS_FILE=str(tmp_path / "tv.pth"), STATE_DICT_KEY_NAME="")
+        )
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path: Path) -> None:
     torch.save(torchvision.models.get_model("resnet50", weights=None).state_dict(), tmp_path / "r50.pth")
-    with pytest.raises(WeightsError, match=r"trunk\._feature_blocks\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)"):
-        load_weights(Network("resnet18"), WeightsInitConfig(PARAMS_FILE=str(tmp_path / "r50.pth"), STATE_DICT_KEY_NAME="",
-                                                            APPEND_PREFIX="trunk._feature_blocks."))  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"trunk\._feature_blocks\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, "
+              r"3\)",
+    ):
+        load_weights(
+            Network("resnet18"),
+            WeightsInitConfig(
+                PARAMS_FILE=str(tmp_path / "r50.pth"), STATE_DICT_KEY_NAME="", APPEND_PREFIX="trunk._feature_blocks."
+            ),
+        )
 
 
 def test_wrong_state_dict_key_names_the_key(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
     net, _, _ = reference
     torch.save({"model": net.state_dict()}, tmp_path / "x.pt")
-    with pytest.raises(WeightsError, match=r"STATE_DICT_KEY_NAME='classy_state_dict': key 'classy_state_dict' not found \(available: \['model'\]\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"STATE_DICT_KEY_NAME='classy_state_dict': key 'classy_state_dict' not found \(available: \['model'\]\)",
+    ):
         load_weights(Network("resnet18"), WeightsInitConfig(PARAMS_FILE=str(tmp_path / "x.pt")))
 
 
@@ -103,8 +123,15 @@ def test_skip_layers_and_remove_prefix(tmp_path: Path, reference) -> None:  # ty
     state = {"module." + k: v for k, v in torchvision_checkpoint(net).items()}  # a DDP-saved checkpoint
     torch.save({"state_dict": state}, tmp_path / "ddp.pth")
     fresh = Network("resnet18").eval()
-    report = load_weights(fresh, WeightsInitConfig(PARAMS_FILE=str(tmp_path / "ddp.pth"), STATE_DICT_KEY_NAME="state_dict",
-                                                   REMOVE_PREFIX="module.", APPEND_PREFIX="trunk._feature_blocks."))  # fmt: skip
+    report = load_weights(
+        fresh,
+        WeightsInitConfig(
+            PARAMS_FILE=str(tmp_path / "ddp.pth"),
+            STATE_DICT_KEY_NAME="state_dict",
+            REMOVE_PREFIX="module.",
+            APPEND_PREFIX="trunk._feature_blocks.",
+        ),
+    )
     assert len(report.skipped) == 20 and all("num_batches_tracked" in k for k in report.skipped)
     assert sorted(report.unexpected) == ["trunk._feature_blocks.fc.bias", "trunk._feature_blocks.fc.weight"]
     with torch.inference_mode():

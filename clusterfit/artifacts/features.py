@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from clusterfit import artifacts
+from clusterfit.artifacts import manifest as artifacts
+from clusterfit.artifacts.layout import index_name, parse_part
+from clusterfit.errors import UserError
 from clusterfit.storage import Store
 
 log = logging.getLogger(__name__)
-_PART = re.compile(r"^(?P<layer>[^/]+)/part-(?P<rank>\d+)-(?P<chunk>\d+)\.npy$")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Input data that a step cannot use (NaN features, K larger than the data, mismatched files)."""
 
 
@@ -35,11 +35,10 @@ class FeatureParts:
     @classmethod
     def open(cls, store: Store, folder: str, layer: str, cache_mb: int = 4096) -> FeatureParts:
         manifest = artifacts.read_manifest(store, folder)
-        found = sorted(
-            (int(m["chunk"]), name) for name in manifest["files"] if (m := _PART.match(name)) and m["layer"] == layer
-        )
+        parts = {name: parsed for name in manifest["files"] if (parsed := parse_part(name))}
+        found = sorted((chunk, name) for name, (part_layer, chunk) in parts.items() if part_layer == layer)
         if not found:
-            layers = sorted({m["layer"] for n in manifest["files"] if (m := _PART.match(n))})
+            layers = sorted({part_layer for part_layer, _ in parts.values()})
             raise InputError(f"{store.uri(folder)}: no features of layer {layer!r} (it has {layers})")
         names = [name for _, name in found]
         rows = [int(manifest["files"][name]["shape"][0]) for name in names]
@@ -69,7 +68,7 @@ class FeatureParts:
         """The dataset indices (int64 (n,)) of one part, checked against the manifest."""
         if name in self._cache:
             return self._cache[name][0]
-        return artifacts.load_array(self.store, self.folder, name[: -len(".npy")] + "-index.npy", self.manifest)
+        return artifacts.load_array(self.store, self.folder, index_name(name), self.manifest)
 
     def load(self, name: str, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest.

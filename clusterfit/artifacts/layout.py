@@ -1,26 +1,81 @@
-"""Where each step's artifacts live under the experiment root, and what every step shares:
-the starting weights (a user's checkpoint, pretrain's output, or none) and the fingerprint keys.
+"""Where every artifact lives under the experiment root: the one place folder and file names are spelled.
+
+    features/<split>/<layer>/part-<rank>-<chunk>.npy (+ -index.npy)   extract, one chunk marker each
+    clusters/<layer>-k<K>/centroids.npy labels.npy distances.npy stats.json <split>/labels.npy
+    pretrain/ train/    final.pt metrics.jsonl latest.json checkpoints/e####-s#########.pt
+    eval/               metrics.json report.md report.html *.png
+    logs/<step>/<pod>.log                                                the controller's saved pod logs
+
+Each step folder is published by its `_SUCCESS.json`, written last. Pure names: no I/O here.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any
+import re
 
-from clusterfit.artifacts import ArtifactError, read_manifest
-from clusterfit.config import Config, WeightsInitConfig
-from clusterfit.storage import Store
+from clusterfit.config import Config
 
-log = logging.getLogger(__name__)
+MANIFEST = "_SUCCESS.json"
 
+# Step folders.
 PRETRAIN = "pretrain"
 TRAIN = "train"
 EVAL = "eval"
+LOGS = "logs"
+
+# pretrain/ and train/: the published network, its per-epoch metrics, and the resumable checkpoints.
+FINAL_CHECKPOINT = "final.pt"
+METRICS_LOG = "metrics.jsonl"
+LATEST_POINTER = "latest.json"  # names the newest checkpoint; moved only after that checkpoint is written
+CHECKPOINTS = "checkpoints"
+
+# clusters/<name>/
+CENTROIDS = "centroids.npy"
+LABELS = "labels.npy"
+DISTANCES = "distances.npy"
+CLUSTER_STATS = "stats.json"
+CLUSTER_WORK = "_work"
+
+# eval/
+EVAL_METRICS = "metrics.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+CLUSTER_SIZES_PNG = "cluster_sizes.png"
+CLUSTER_EXAMPLES_PNG = "cluster_examples.png"
+TRAINING_CURVES_PNG = "training_curves.png"
+
+_PART = re.compile(r"^(?P<layer>[^/]+)/part-(?P<rank>\d+)-(?P<chunk>\d+)\.npy$")
 
 
 def features_folder(partition: str) -> str:
     return f"features/{partition.lower()}"
+
+
+def extract_partitions(cfg: Config) -> list[str]:
+    """The configured splits extract writes: the clustered one first, then EXTRACT.PARTITIONS."""
+    wanted = dict.fromkeys([cfg.CLUSTERFIT.FEATURES.DATA_PARTITION, *cfg.EXTRACT.PARTITIONS])
+    return [p for p in wanted if cfg.split(p).enabled]
+
+
+def part_name(layer: str, rank: int, chunk: int) -> str:
+    """One chunk's features of one layer, relative to the features folder."""
+    return f"{layer}/part-{rank:05d}-{chunk:06d}.npy"
+
+
+def index_name(part: str) -> str:
+    """The dataset indices (int64) that go with a part file."""
+    return part[: -len(".npy")] + "-index.npy"
+
+
+def parse_part(name: str) -> tuple[str, int] | None:
+    """(layer, chunk) of a part file name, None for any other file (index files included)."""
+    match = _PART.match(name)
+    return (match["layer"], int(match["chunk"])) if match else None
+
+
+def chunk_marker(folder: str, chunk: int) -> str:
+    """The marker that makes an extracted chunk count as done."""
+    return f"{folder}/_chunks/chunk-{chunk:06d}.json"
 
 
 def cluster_name(cfg: Config) -> str:
@@ -31,43 +86,31 @@ def cluster_folder(cfg: Config) -> str:
     return f"clusters/{cluster_name(cfg)}"
 
 
-@dataclass(frozen=True)
-class StartWeights:
-    """The weights extraction starts from: a URI plus the WEIGHTS_INIT options to load it, or none."""
-
-    uri: str
-    options: WeightsInitConfig | None
-    digest: str
-
-    @property
-    def random(self) -> bool:
-        return not self.uri
-
-    def identity(self) -> dict[str, Any]:
-        return {"uri": self.uri, "digest": self.digest, "options": self.options.model_dump() if self.options else None}
+def split_file(split: str, name: str, main_split: str) -> str:
+    """A per-split cluster file: `labels.npy` for the clustered split, `<split>/labels.npy` for the others."""
+    return name if split == main_split else f"{split.lower()}/{name}"
 
 
-def start_weights(cfg: Config, store: Store) -> StartWeights:
-    """MODEL.WEIGHTS_INIT.PARAMS_FILE if set, else pretrain's final.pt when pretrain runs, else random."""
-    init = cfg.MODEL.WEIGHTS_INIT
-    if init.PARAMS_FILE:
-        return StartWeights(init.PARAMS_FILE, init, "")
-    if PRETRAIN in cfg.PIPELINE.STEPS:
-        manifest = read_manifest(store, PRETRAIN)
-        return StartWeights(store.uri(f"{PRETRAIN}/final.pt"), WeightsInitConfig(), str(manifest["_digest"]))
-    return StartWeights("", None, "")
+def cluster_work(folder: str, fingerprint: str) -> str:
+    """Scratch space where ranks exchange centroids and assignments; all of CLUSTER_WORK goes after publication."""
+    return f"{folder}/{CLUSTER_WORK}/{fingerprint[:16]}"
 
 
-def require_published(store: Store, folder: str, what: str) -> dict[str, Any]:
-    try:
-        return read_manifest(store, folder)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{what}: {exc}") from None
+def assignment_name(split: str, rank: int) -> str:
+    return f"assign-{split}-rank{rank:05d}.npy"
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """Sorts in training order, so the newest checkpoints are the last names listed."""
+    return f"{CHECKPOINTS}/e{epoch:04d}-s{step:09d}.pt"
+
+
+def pod_log(step: str, pod: str) -> str:
+    return f"{LOGS}/{step}/{pod}.log"
 
 
 def step_folders(cfg: Config, step: str) -> list[str]:
     """The folders whose `_SUCCESS.json` together mean `step` finished (what the controller checks)."""
     if step == "extract":
-        wanted = dict.fromkeys([cfg.CLUSTERFIT.FEATURES.DATA_PARTITION, *cfg.EXTRACT.PARTITIONS])
-        return [features_folder(p) for p in wanted if cfg.split(p).enabled]
+        return [features_folder(p) for p in extract_partitions(cfg)]
     return {"pretrain": [PRETRAIN], "cluster": [cluster_folder(cfg)], "train": [TRAIN], "evaluate": [EVAL]}[step]

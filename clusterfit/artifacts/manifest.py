@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import platform
 import sys
 import time
@@ -21,13 +22,15 @@ from typing import Any
 import numpy as np
 
 from clusterfit import __version__
+from clusterfit.artifacts.layout import MANIFEST
+from clusterfit.errors import UserError
 from clusterfit.storage import NotFound, Store, array_from_bytes, array_to_bytes, sha256_bytes
 
-MANIFEST = "_SUCCESS.json"
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A missing, unfinished or altered artifact; the message names the folder or file."""
 
 
@@ -131,16 +134,19 @@ def read_manifest(store: Store, folder: str) -> dict[str, Any]:
     return manifest
 
 
-def manifest_digest(store: Store, folder: str) -> str:
-    """sha256 of the manifest: the digest of everything the folder holds (it lists every file's sha256)."""
-    return str(read_manifest(store, folder)["_digest"])
-
-
 def is_published(store: Store, folder: str, fingerprint_: str) -> bool:
     try:
         return bool(read_manifest(store, folder).get("fingerprint") == fingerprint_)
     except ArtifactError:
         return False
+
+
+def skip_if_published(store: Store, folder: str, fingerprint_: str, step: str) -> bool:
+    """Whether `folder` is already published with this fingerprint, so `step` has nothing to do (and says so)."""
+    if not is_published(store, folder, fingerprint_):
+        return False
+    log.info("%s: already published at %s with the same config and inputs; skipping", step, store.uri(folder))
+    return True
 
 
 def load_bytes(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> bytes:

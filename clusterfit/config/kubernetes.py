@@ -12,9 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from clusterfit.kube.controller_config import ControllerConfig
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A Kubernetes resource quantity (a subset of the API's grammar: no exponents).
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
@@ -29,15 +27,21 @@ class _Section(BaseModel):
 
 
 class StepResources(_Section):
-    CPU: str = Field("2", pattern=QUANTITY, description="CPU request per pod (Kubernetes quantity, e.g. '8' or '500m').")
+    CPU: str = Field(
+        "2", pattern=QUANTITY, description="CPU request per pod (Kubernetes quantity, e.g. '8' or '500m')."
+    )
     MEMORY: str = Field("8Gi", pattern=QUANTITY, description="Memory request and limit per pod (e.g. '32Gi').")
-    GPUS: int = Field(0, ge=0, description="nvidia.com/gpu per pod; torch steps need at least DISTRIBUTED.NUM_PROC_PER_NODE when > 0.")
+    GPUS: int = Field(
+        0, ge=0, description="nvidia.com/gpu per pod; torch steps need at least DISTRIBUTED.NUM_PROC_PER_NODE when > 0."
+    )
 
 
 class ResourcesConfig(_Section):
     PRETRAIN: StepResources = Field(default_factory=StepResources, description="Each pod of the pretrain step.")
     EXTRACT: StepResources = Field(default_factory=StepResources, description="Each pod of the extract step.")
-    CLUSTER: StepResources = Field(default_factory=StepResources, description="Each pod of the cluster step (faiss uses every GPU it is given).")
+    CLUSTER: StepResources = Field(
+        default_factory=StepResources, description="Each pod of the cluster step (faiss uses every GPU it is given)."
+    )
     TRAIN: StepResources = Field(default_factory=StepResources, description="Each pod of the train step.")
     EVALUATE: StepResources = Field(default_factory=StepResources, description="Each pod of the evaluate step.")
 
@@ -48,8 +52,12 @@ class Toleration(_Section):
     key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
     value: str | None = Field(None, description="Taint value for operator Equal.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect; empty: all.")
-    tolerationSeconds: int | None = Field(None, description="NoExecute only: how long the pod stays bound after the taint appears.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; empty: all."
+    )
+    tolerationSeconds: int | None = Field(
+        None, description="NoExecute only: how long the pod stays bound after the taint appears."
+    )
 
 
 class Affinity(_Section):
@@ -60,48 +68,134 @@ class Affinity(_Section):
     podAntiAffinity: dict[str, Any] | None = Field(None, description="Kubernetes PodAntiAffinity.")
 
 
+class ControllerConfig(_Section):
+    """KUBERNETES.CONTROLLER: how the controller follows the step jobs."""
+
+    STEP_TIMEOUT_S: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Give up on a step that has not finished after this long."
+    )
+    WATCH_TIMEOUT_S: int = Field(
+        300,
+        ge=1,
+        description="Server-side timeout of one watch request; the controller then re-lists and watches again.",
+    )
+    REQUEST_TIMEOUT_S: float = Field(
+        30.0,
+        gt=0,
+        description="Client-side timeout of one API call; a watch may stay silent this much longer than "
+        "WATCH_TIMEOUT_S.",
+    )
+    BACKOFF_INITIAL_S: float = Field(
+        0.5, gt=0, description="First wait before retrying a 429/5xx answer or a dropped connection."
+    )
+    BACKOFF_MAX_S: float = Field(
+        15.0, gt=0, description="Longest wait between two retries (the wait doubles up to this)."
+    )
+    RETRY_TIMEOUT_S: float = Field(
+        300.0,
+        gt=0,
+        description="Give up when the API server keeps failing (429/5xx, unreachable) for this long in a row.",
+    )
+    LOG_TAIL_LINES: int = Field(50, ge=0, description="Lines of the master pod's log printed when a step fails.")
+    MAX_EVENTS: int = Field(
+        20, ge=0, description="Most recent warning events of the step's pods printed when a step fails."
+    )
+    SAVE_LOGS: bool = Field(
+        True, description="Save each step's pod logs to <root>/logs/<step>/<pod>.log when the step ends."
+    )
+    VERIFY_OUTPUTS: bool = Field(
+        True,
+        description="After a step's job Succeeded, require its _SUCCESS.json in storage before starting the next step.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ControllerConfig:
+        if self.BACKOFF_MAX_S < self.BACKOFF_INITIAL_S:
+            raise ValueError(
+                f"BACKOFF_MAX_S ({self.BACKOFF_MAX_S}) must be at least BACKOFF_INITIAL_S ({self.BACKOFF_INITIAL_S})"
+            )
+        return self
+
+
 class KubernetesConfig(_Section):
     NAMESPACE: str = Field("default", description="Namespace the step jobs run in.")
-    IMAGE: str = Field("clusterfit/clusterfit:0.1.0", description="Step image with torch (pretrain, extract, train, evaluate; cluster with CLUSTER_BACKEND torch).")
-    CLUSTER_IMAGE: str = Field("clusterfit/clusterfit-cluster:0.1.0", description="Step image for cluster with the faiss backend (no torch).")
-    IMAGE_PULL_POLICY: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the step images.")
-    IMAGE_PULL_SECRETS: list[str] = Field(default_factory=list, description="Names of docker-registry Secrets for pulling the step images.")
+    IMAGE: str = Field(
+        "clusterfit/clusterfit:0.1.0",
+        description="Step image with torch (pretrain, extract, train, evaluate; cluster with CLUSTER_BACKEND torch).",
+    )
+    CLUSTER_IMAGE: str = Field(
+        "clusterfit/clusterfit-cluster:0.1.0", description="Step image for cluster with the faiss backend (no torch)."
+    )
+    IMAGE_PULL_POLICY: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of the step images."
+    )
+    IMAGE_PULL_SECRETS: list[str] = Field(
+        default_factory=list, description="Names of docker-registry Secrets for pulling the step images."
+    )
     S3_SECRET_NAME: str = Field(
         "",
-        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), passed by reference only; "
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), passed by "
+        "reference only; "
         "empty: no credentials in the pod (workload identity).",
     )
     SERVICE_ACCOUNT: str = Field("", description="ServiceAccount of the step pods; empty: the namespace's default.")
-    RESOURCES: ResourcesConfig = Field(default_factory=ResourcesConfig, description="CPU, memory and GPUs per pod, per step.")
-    SHM_SIZE: str = Field("2Gi", pattern=QUANTITY, description="Size of the memory-backed /dev/shm (DataLoader workers and NCCL need more than the default 64M).")
-    NODE_SELECTOR: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the step pods (e.g. a GPU node pool label).")
-    TOLERATIONS: list[Toleration] = Field(default_factory=list, description="Tolerations of the step pods (e.g. nvidia.com/gpu NoSchedule).")
+    RESOURCES: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="CPU, memory and GPUs per pod, per step."
+    )
+    SHM_SIZE: str = Field(
+        "2Gi",
+        pattern=QUANTITY,
+        description="Size of the memory-backed /dev/shm (DataLoader workers and NCCL need more than the default 64M).",
+    )
+    NODE_SELECTOR: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector of the step pods (e.g. a GPU node pool label)."
+    )
+    TOLERATIONS: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of the step pods (e.g. nvidia.com/gpu NoSchedule)."
+    )
     AFFINITY: Affinity = Field(default_factory=Affinity, description="Affinity of the step pods.")
     PRIORITY_CLASS_NAME: str = Field("", description="priorityClassName of the step pods; empty: the cluster default.")
-    SCHEDULER_NAME: str = Field("", description="schedulerName of the step pods (e.g. volcano for gang scheduling); empty: the default scheduler.")
-    QUEUE_NAME: str = Field("", description="Queue for gang scheduling, set as the QUEUE_LABEL label on each job; empty: none.")
-    QUEUE_LABEL: str = Field("kueue.x-k8s.io/queue-name", description="Label key that names the queue (Kueue's by default).")
+    SCHEDULER_NAME: str = Field(
+        "",
+        description="schedulerName of the step pods (e.g. volcano for gang scheduling); empty: the default scheduler.",
+    )
+    QUEUE_NAME: str = Field(
+        "", description="Queue for gang scheduling, set as the QUEUE_LABEL label on each job; empty: none."
+    )
+    QUEUE_LABEL: str = Field(
+        "kueue.x-k8s.io/queue-name", description="Label key that names the queue (Kueue's by default)."
+    )
     BACKOFF_LIMIT: int = Field(3, ge=0, description="runPolicy.backoffLimit: pod restarts before the step's job fails.")
     ACTIVE_DEADLINE_SECONDS: int = Field(
-        7 * 24 * 3600, ge=1, description="runPolicy.activeDeadlineSeconds: a step's job running longer than this fails (ends crash loops too)."
+        7 * 24 * 3600,
+        ge=1,
+        description="runPolicy.activeDeadlineSeconds: a step's job running longer than this fails (ends crash loops "
+        "too).",
     )
     TTL_SECONDS_AFTER_FINISHED: int | None = Field(
         None,
         ge=0,
-        description="runPolicy.ttlSecondsAfterFinished; empty: finished jobs stay (the controller treats a job that vanishes as lost).",
+        description="runPolicy.ttlSecondsAfterFinished; empty: finished jobs stay (the controller treats a job that "
+        "vanishes as lost).",
     )
     RESTART_POLICY: Literal["OnFailure", "Never", "ExitCode", "Always"] = Field(
-        "OnFailure", description="Replica restartPolicy; ExitCode restarts only on exit codes 128-255 (signals), failing at once on errors."
+        "OnFailure",
+        description="Replica restartPolicy; ExitCode restarts only on exit codes 128-255 (signals), failing at once "
+        "on errors.",
     )
     CLEAN_POD_POLICY: Literal["Running", "All", "None"] = Field(
-        "Running", description="runPolicy.cleanPodPolicy: which pods are deleted when a job finishes (Running keeps failed pods' logs)."
+        "Running",
+        description="runPolicy.cleanPodPolicy: which pods are deleted when a job finishes (Running keeps failed "
+        "pods' logs).",
     )
     ENV: dict[str, str] = Field(
         default_factory=dict,
         description="Extra environment on every step container (e.g. NCCL_DEBUG: INFO, NCCL_SOCKET_IFNAME: eth0). "
         "Not for credentials, ranks or rendezvous variables.",
     )
-    CONTROLLER: ControllerConfig = Field(default_factory=ControllerConfig, description="How the controller follows the step jobs.")
+    CONTROLLER: ControllerConfig = Field(
+        default_factory=ControllerConfig, description="How the controller follows the step jobs."
+    )
 
     @field_validator("ENV")
     @classmethod

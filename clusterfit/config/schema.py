@@ -1,33 +1,26 @@
-"""The experiment configuration: pydantic models, YAML loading and `config.A.B=value` overrides.
+"""The experiment configuration's schema: one pydantic model per section, each field documented.
 
     clusterfit config show config=quickstart config.CLUSTERFIT.NUM_CLUSTERS=10
+    clusterfit config schema
 
 Key names and casing follow VISSL's ClusterFit documentation for every key it documents
 (`CLUSTERFIT.*`, `MODEL.WEIGHTS_INIT.*`, `DISTRIBUTED.*`, `DATA.TRAIN.LABEL_PATHS`); the rest
-uses the same upper-case convention. Loading is a deep merge of the YAML file and the overrides,
-then one validation; derived values (global batch size, scaled learning rate) are properties,
-never written back. This module imports no deep-learning library.
+uses the same upper-case convention. Derived values (global batch size, scaled learning rate) are
+properties, never written back. Loading lives in `config.loading`. No deep-learning import here.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clusterfit.kube.spec import KubernetesConfig
+from clusterfit.config.kubernetes import KubernetesConfig
 
 PARTITIONS = ("TRAIN", "TEST")
 LAYERS = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
 STEPS = ("pretrain", "extract", "cluster", "train", "evaluate")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key or file."""
 
 
 class Section(BaseModel):
@@ -40,7 +33,8 @@ class ExperimentConfig(Section):
     NAME: str = Field("clusterfit", description="Experiment name; names the run folder and the Kubernetes objects.")
     ROOT: str = Field(
         "",
-        description="Artifact root URI (file:// or s3://bucket/prefix). Empty: file://./runs/<NAME> in the current directory.",
+        description="Artifact root URI (file:// or s3://bucket/prefix). Empty: file://./runs/<NAME> in the current "
+        "directory.",
     )
     SEED: int = Field(0, description="Seed for sampling, initialisation and data order.")
 
@@ -52,14 +46,17 @@ class ExperimentConfig(Section):
 
 
 class S3Config(Section):
-    ENDPOINT_URL: str = Field("", description="S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default. Credentials never go here.")
+    ENDPOINT_URL: str = Field(
+        "", description="S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default. Credentials never go here."
+    )
     REGION: str = Field("", description="Region name; empty: the AWS credential chain's, else us-east-1.")
     ADDRESSING_STYLE: Literal["auto", "path", "virtual"] = Field(
         "auto", description="Bucket addressing; 'path' for most self-hosted S3-compatible stores."
     )
     CHECKSUMS: Literal["when_supported", "when_required"] = Field(
         "when_supported",
-        description="boto3's request/response checksum mode; 'when_required' for S3-compatible stores that reject the newer default checksums.",
+        description="boto3's request/response checksum mode; 'when_required' for S3-compatible stores that reject "
+        "the newer default checksums.",
     )
     MULTIPART_THRESHOLD_MB: int = Field(64, ge=5, description="Objects at least this large are transferred in parts.")
     MULTIPART_CHUNKSIZE_MB: int = Field(16, ge=5, description="Size of one multipart part.")
@@ -83,7 +80,9 @@ class TransformsConfig(Section):
         description="ColorJitter brightness, contrast, saturation, hue; all zero disables it.",
     )
     HORIZONTAL_FLIP: bool = Field(True, description="Random horizontal flip during training.")
-    EVAL_RESIZE: int = Field(256, ge=8, description="Resize (shorter side) before the centre crop at extraction/evaluation.")
+    EVAL_RESIZE: int = Field(
+        256, ge=8, description="Resize (shorter side) before the centre crop at extraction/evaluation."
+    )
     EVAL_CROP_SIZE: int = Field(224, ge=8, description="CenterCrop size at extraction/evaluation.")
     MEAN: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], description="Normalisation mean (RGB).")
     STD: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], description="Normalisation std (RGB).")
@@ -93,14 +92,17 @@ class DataSplitConfig(Section):
     DATA_SOURCES: list[Literal["disk_folder", "disk_filelist", "digits", "synthetic"]] = Field(
         default_factory=list,
         max_length=1,
-        description="Where images come from: an ImageFolder tree (local or s3://), a file list, scikit-learn's digits, or synthetic images. Empty: the split is not used.",
+        description="Where images come from: an ImageFolder tree (local or s3://), a file list, scikit-learn's "
+        "digits, or synthetic images. Empty: the split is not used.",
     )
     DATA_PATHS: list[str] = Field(
-        default_factory=list, description="disk_folder: the folder or s3:// prefix; disk_filelist: the list file (path[,label] per line)."
+        default_factory=list,
+        description="disk_folder: the folder or s3:// prefix; disk_filelist: the list file (path[,label] per line).",
     )
     LABEL_PATHS: list[str] = Field(
         default_factory=list,
-        description="Pseudo-label files (.npy, int64, one per dataset index) to train on instead of the experiment's own cluster labels.",
+        description="Pseudo-label files (.npy, int64, one per dataset index) to train on instead of the experiment's "
+        "own cluster labels.",
     )
     BATCHSIZE_PER_REPLICA: int = Field(32, ge=1, description="Images per process per step.")
     DATA_LIMIT: int = Field(-1, description="Use only the first N images (in dataset order); -1: all.")
@@ -117,28 +119,40 @@ class DataSplitConfig(Section):
 
 
 class DataConfig(Section):
-    TRAIN: DataSplitConfig = Field(default_factory=DataSplitConfig, description="The split that is clustered and trained on.")
-    TEST: DataSplitConfig = Field(default_factory=DataSplitConfig, description="A labelled split for evaluation (optional).")
+    TRAIN: DataSplitConfig = Field(
+        default_factory=DataSplitConfig, description="The split that is clustered and trained on."
+    )
+    TEST: DataSplitConfig = Field(
+        default_factory=DataSplitConfig, description="A labelled split for evaluation (optional)."
+    )
     TRANSFORMS: TransformsConfig = Field(default_factory=TransformsConfig, description="Image transforms.")
     NUM_DATALOADER_WORKERS: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     ON_BAD_IMAGE: Literal["error", "skip"] = Field(
-        "error", description="A corrupt or unreadable image: fail naming the file, or skip it and count it in the step summary."
+        "error",
+        description="A corrupt or unreadable image: fail naming the file, or skip it and count it in the step summary.",
     )
 
 
 class WeightsInitConfig(Section):
-    PARAMS_FILE: str = Field("", description="Checkpoint to initialise the trunk from (local path or s3://). Empty: pretrain's output, else random.")
+    PARAMS_FILE: str = Field(
+        "",
+        description="Checkpoint to initialise the trunk from (local path or s3://). Empty: pretrain's output, else "
+        "random.",
+    )
     STATE_DICT_KEY_NAME: str = Field(
         "classy_state_dict",
-        description="Key holding the state dict in the checkpoint (dots for nesting); '' if the file is the state dict itself.",
+        description="Key holding the state dict in the checkpoint (dots for nesting); '' if the file is the state "
+        "dict itself.",
     )
     SKIP_LAYERS: list[str] = Field(
-        default_factory=lambda: ["num_batches_tracked"], description="Checkpoint keys containing any of these substrings are not loaded."
+        default_factory=lambda: ["num_batches_tracked"],
+        description="Checkpoint keys containing any of these substrings are not loaded.",
     )
     REMOVE_PREFIX: str = Field("", description="Prefix removed from every checkpoint key (before APPEND_PREFIX).")
     APPEND_PREFIX: str = Field(
         "",
-        description="Prefix added to every key; torchvision ResNet: 'trunk._feature_blocks.' (or 'trunk.base_model._feature_blocks.').",
+        description="Prefix added to every key; torchvision ResNet: 'trunk._feature_blocks.' (or "
+        "'trunk.base_model._feature_blocks.').",
     )
 
 
@@ -146,7 +160,9 @@ class TrunkConfig(Section):
     NAME: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = Field(
         "resnet50", description="torchvision classification trunk, built with torchvision.models.get_model."
     )
-    SMALL_IMAGE_STEM: bool = Field(False, description="3x3 stride-1 first conv and no max-pool (CIFAR-style), for images of 32 px or less.")
+    SMALL_IMAGE_STEM: bool = Field(
+        False, description="3x3 stride-1 first conv and no max-pool (CIFAR-style), for images of 32 px or less."
+    )
 
 
 class AmpConfig(Section):
@@ -155,16 +171,22 @@ class AmpConfig(Section):
 
 class ModelConfig(Section):
     TRUNK: TrunkConfig = Field(default_factory=TrunkConfig, description="The network architecture.")
-    WEIGHTS_INIT: WeightsInitConfig = Field(default_factory=WeightsInitConfig, description="Initial weights for extraction.")
+    WEIGHTS_INIT: WeightsInitConfig = Field(
+        default_factory=WeightsInitConfig, description="Initial weights for extraction."
+    )
     AMP_PARAMS: AmpConfig = Field(default_factory=AmpConfig, description="Mixed precision.")
     CHANNELS_LAST: bool = Field(
-        True, description="channels_last (NHWC) memory format: faster convolutions with oneDNN on CPU and tensor cores on CUDA."
+        True,
+        description="channels_last (NHWC) memory format: faster convolutions with oneDNN on CPU and tensor cores on "
+        "CUDA.",
     )
 
 
 class FeaturesConfig(Section):
     DATA_PARTITION: Literal["TRAIN", "TEST"] = Field("TRAIN", description="Which split's features are clustered.")
-    DATASET_NAME: str = Field("digits", description="Name of the dataset the features come from (recorded in the artifacts).")
+    DATASET_NAME: str = Field(
+        "digits", description="Name of the dataset the features come from (recorded in the artifacts)."
+    )
     LAYER_NAME: Literal["conv1", "res2", "res3", "res4", "res5", "res5avg"] = Field(
         "res5", description="Layer whose features are clustered; feature maps are average-pooled (EXTRACT.POOL_SIZE)."
     )
@@ -172,26 +194,42 @@ class FeaturesConfig(Section):
 
 class ClusterFitConfig(Section):
     NUM_CLUSTERS: int = Field(16000, ge=2, description="K, the number of k-means clusters (the pseudo-label classes).")
-    CLUSTER_BACKEND: Literal["faiss", "torch"] = Field("faiss", description="k-means implementation: faiss, or a matmul-based torch one (GPU when present).")
+    CLUSTER_BACKEND: Literal["faiss", "torch"] = Field(
+        "faiss", description="k-means implementation: faiss, or a matmul-based torch one (GPU when present)."
+    )
     N_ITER: int = Field(50, ge=1, description="k-means iterations.")
     FEATURES: FeaturesConfig = Field(default_factory=FeaturesConfig, description="Which features are clustered.")
-    L2_NORMALIZE: bool = Field(True, description="L2-normalise features before clustering and assignment (VISSL's default).")
-    MAX_POINTS_PER_CENTROID: int = Field(256, ge=1, description="Centroids are trained on at most K x this many sampled points.")
+    L2_NORMALIZE: bool = Field(
+        True, description="L2-normalise features before clustering and assignment (VISSL's default)."
+    )
+    MAX_POINTS_PER_CENTROID: int = Field(
+        256, ge=1, description="Centroids are trained on at most K x this many sampled points."
+    )
     ALGORITHM: Literal["auto", "lloyd", "superkmeans"] = Field(
         "auto", description="faiss algorithm: plain Lloyd (faiss.Kmeans), SuperKMeans, or chosen by shape."
     )
-    ASSIGN_BATCH_SIZE: int = Field(65536, ge=1, description="Features assigned per search call while streaming the parts.")
-    CACHE_FEATURES_MB: int = Field(
-        4096, ge=0, description="Keep features in memory between sampling and assignment when they fit in this many MB; else stream twice."
+    ASSIGN_BATCH_SIZE: int = Field(
+        65536, ge=1, description="Features assigned per search call while streaming the parts."
     )
-    RANK_WAIT_TIMEOUT_S: float = Field(3600.0, gt=0, description="How long ranks wait for each other's partial results.")
+    CACHE_FEATURES_MB: int = Field(
+        4096,
+        ge=0,
+        description="Keep features in memory between sampling and assignment when they fit in this many MB; else "
+        "stream twice.",
+    )
+    RANK_WAIT_TIMEOUT_S: float = Field(
+        3600.0, gt=0, description="How long ranks wait for each other's partial results."
+    )
 
 
 class ExtractConfig(Section):
     CHUNK_SIZE: int = Field(4096, ge=1, description="Images per part file; memory is bounded by one chunk.")
-    POOL_SIZE: int = Field(1, ge=1, description="Feature maps are adaptive-average-pooled to POOL_SIZE x POOL_SIZE and flattened.")
+    POOL_SIZE: int = Field(
+        1, ge=1, description="Feature maps are adaptive-average-pooled to POOL_SIZE x POOL_SIZE and flattened."
+    )
     PARTITIONS: list[Literal["TRAIN", "TEST"]] = Field(
-        ["TRAIN", "TEST"], description="Splits to extract (those configured in DATA); other splits are assigned to the same centroids."
+        ["TRAIN", "TEST"],
+        description="Splits to extract (those configured in DATA); other splits are assigned to the same centroids.",
     )
 
 
@@ -207,8 +245,12 @@ class OptimizerConfig(Section):
     BASE_LR_BATCH_SIZE: int = Field(256, ge=1, description="Global batch size BASE_LR refers to.")
     AUTO_SCALE_LR: bool = Field(True, description="Scale BASE_LR linearly by global batch / BASE_LR_BATCH_SIZE.")
     WARMUP_EPOCHS: int = Field(5, ge=0, description="Linear warm-up epochs.")
-    WARMUP_MULTI_NODE_ONLY: bool = Field(True, description="Warm up only when DISTRIBUTED.NUM_NODES > 1 (VISSL's recipe).")
-    MILESTONES: list[int] = Field(default_factory=lambda: [30, 60, 90, 100], description="Epochs at which the LR is multiplied by GAMMA.")
+    WARMUP_MULTI_NODE_ONLY: bool = Field(
+        True, description="Warm up only when DISTRIBUTED.NUM_NODES > 1 (VISSL's recipe)."
+    )
+    MILESTONES: list[int] = Field(
+        default_factory=lambda: [30, 60, 90, 100], description="Epochs at which the LR is multiplied by GAMMA."
+    )
     GAMMA: float = Field(0.1, gt=0, description="Step-schedule factor.")
 
 
@@ -233,13 +275,21 @@ class EvaluateConfig(Section):
     KNN_K: int = Field(20, ge=1, description="Neighbours for kNN top-1 (cosine, temperature-weighted votes).")
     KNN_TEMPERATURE: float = Field(0.07, gt=0, description="kNN vote temperature.")
     LOW_SHOT: list[Annotated[int, Field(ge=1)]] = Field(
-        [], description="Labelled TRAIN images per class for low-shot kNN top-1, one metric per entry (e.g. [1, 10]); [] for none."
+        [],
+        description="Labelled TRAIN images per class for low-shot kNN top-1, one metric per entry (e.g. [1, 10]); [] "
+        "for none.",
     )
-    LOW_SHOT_DRAWS: int = Field(20, ge=1, description="Random labelled subsets per low-shot entry (the same for every model); results are their mean.")
+    LOW_SHOT_DRAWS: int = Field(
+        20,
+        ge=1,
+        description="Random labelled subsets per low-shot entry (the same for every model); results are their mean.",
+    )
     LINEAR_EPOCHS: int = Field(100, ge=1, description="Epochs of the linear probe.")
     LINEAR_LR: float = Field(0.1, gt=0, description="Linear probe learning rate (SGD, cosine).")
     LINEAR_WEIGHT_DECAY: float = Field(1e-4, ge=0, description="Linear probe weight decay.")
-    PIXELS_SIZE: int = Field(32, ge=1, description="Raw-pixel baseline: images average-pooled to at most this many pixels a side.")
+    PIXELS_SIZE: int = Field(
+        32, ge=1, description="Raw-pixel baseline: images average-pooled to at most this many pixels a side."
+    )
     BASELINES: list[Literal["random", "pixels"]] = Field(
         ["random", "pixels"], description="Reference rows: a randomly initialised trunk, raw pixels."
     )
@@ -254,7 +304,9 @@ class PipelineConfig(Section):
 class DistributedConfig(Section):
     NUM_NODES: int = Field(1, ge=1, description="Machines (pods) per step.")
     NUM_PROC_PER_NODE: int = Field(1, ge=1, description="Processes per machine (one per GPU).")
-    BACKEND: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU.")
+    BACKEND: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU."
+    )
 
     @property
     def world_size(self) -> int:
@@ -262,7 +314,9 @@ class DistributedConfig(Section):
 
 
 class LogConfig(Section):
-    PROGRESS_INTERVAL_S: float = Field(30.0, gt=0, description="Seconds between plain progress lines when not on a terminal.")
+    PROGRESS_INTERVAL_S: float = Field(
+        30.0, gt=0, description="Seconds between plain progress lines when not on a terminal."
+    )
 
 
 class Config(Section):
@@ -274,8 +328,12 @@ class Config(Section):
     MODEL: ModelConfig = Field(default_factory=ModelConfig, description="Network and its initial weights.")
     CLUSTERFIT: ClusterFitConfig = Field(default_factory=ClusterFitConfig, description="Step 1: clustering.")
     EXTRACT: ExtractConfig = Field(default_factory=ExtractConfig, description="Feature extraction.")
-    PRETRAIN: PretrainConfig = Field(default_factory=PretrainConfig, description="RotNet pretraining (when PIPELINE.STEPS has pretrain).")
-    OPTIMIZER: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Step 2: training on the cluster labels.")
+    PRETRAIN: PretrainConfig = Field(
+        default_factory=PretrainConfig, description="RotNet pretraining (when PIPELINE.STEPS has pretrain)."
+    )
+    OPTIMIZER: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="Step 2: training on the cluster labels."
+    )
     CHECKPOINT: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Training checkpoints.")
     EVALUATE: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation protocol.")
     PIPELINE: PipelineConfig = Field(default_factory=PipelineConfig, description="Which steps run.")
@@ -291,7 +349,9 @@ class Config(Section):
                 "pretrain produces the starting weights; remove one of them"
             )
         if len(self.DATA.TRAIN.LABEL_PATHS) > 1:
-            raise ValueError(f"DATA.TRAIN.LABEL_PATHS: one label file is supported, got {len(self.DATA.TRAIN.LABEL_PATHS)}")
+            raise ValueError(
+                f"DATA.TRAIN.LABEL_PATHS: one label file is supported, got {len(self.DATA.TRAIN.LABEL_PATHS)}"
+            )
         return self
 
     @property
@@ -301,172 +361,3 @@ class Config(Section):
     def split(self, partition: str) -> DataSplitConfig:
         split: DataSplitConfig = getattr(self.DATA, partition)
         return split
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def config_dirs() -> list[Path]:
-    """Folders that `config=<name>` is looked up in, first match wins."""
-    dirs = [Path.cwd() / "configs"]
-    if env := os.environ.get("CLUSTERFIT_CONFIG_DIR"):
-        dirs.insert(0, Path(env))
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
-    return list(dict.fromkeys(d.resolve() for d in dirs))
-
-
-def resolve_config_path(name: str) -> Path:
-    """`quickstart`, `pretrain/clusterfit/x`, `x.yaml` or a path -> the YAML file."""
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-        return candidate
-    for folder in config_dirs():
-        for suffix in ("", ".yaml", ".yml"):
-            path = folder / f"{name}{suffix}"
-            if path.is_file():
-                return path
-    searched = ", ".join(str(d) for d in config_dirs())
-    raise ConfigError(f"config={name}: no such config file (looked for {name}[.yaml] in {searched})")
-
-
-def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split `config=<name>` and `config.A.B=value` arguments; values are parsed as YAML scalars/lists."""
-    name: str | None = None
-    overrides: dict[str, Any] = {}
-    for arg in args:
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r}: expected config=<name> or config.KEY.PATH=value")
-        if key == "config":
-            name = raw
-            continue
-        if not key.startswith("config.") or len(key) <= len("config."):
-            raise ConfigError(f"argument {arg!r}: overrides are written config.KEY.PATH=value")
-        path = key[len("config.") :].split(".")
-        _set_path(overrides, path, parse_value(raw, field_annotation(path), key))
-    return name, overrides
-
-
-def field_annotation(path: list[str]) -> Any:
-    """The type annotation of the config field at `path`, or None when there is no such field."""
-    model: Any = Config
-    annotation: Any = None
-    for part in path:
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        annotation = fields[part].annotation
-        model = annotation
-    return annotation
-
-
-def parse_value(raw: str, annotation: Any, key: str) -> Any:
-    """A command-line value as YAML, except that text fields keep the text as typed (NAME=2024 stays "2024")."""
-    if annotation is str:
-        return raw
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-    if annotation == list[str] and isinstance(value, list):
-        return [v if isinstance(v, str) else raw_item(v) for v in value]
-    return value
-
-
-def raw_item(value: Any) -> str:
-    return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        node = tree.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config.{'.'.join(path)}: {part} is a value, not a section")
-        tree = node
-    tree[path[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: `extra` merged into `base`; nested dicts merge, everything else is replaced."""
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    # VISSL configs nest everything under `config:`; accept both layouts.
-    if set(data) == {"config"} and isinstance(data["config"], dict):
-        data = data["config"]
-    return data
-
-
-def load_config(args: list[str] | None = None, *, name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """The validated config from `config=<name>` plus `config.A.B=v` arguments (or the keyword forms)."""
-    arg_name, arg_overrides = parse_overrides(args or [])
-    name = arg_name or name
-    tree: dict[str, Any] = read_yaml(resolve_config_path(name)) if name else {}
-    tree = deep_merge(tree, arg_overrides)
-    tree = deep_merge(tree, overrides or {})
-    return validate(tree, source=name or "<defaults>")
-
-
-def validate(tree: dict[str, Any], source: str = "<config>") -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(_describe(err) for err in exc.errors())) from None
-
-
-def _describe(err: Any) -> str:
-    loc = [str(part) for part in err["loc"]]
-    key = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        hint = closest_key(loc)
-        return f"  {key}: unknown key" + (f" (did you mean {hint}?)" if hint else "")
-    value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"  {key or '<top level>'}: {err['msg']}{shown}"
-
-
-def closest_key(loc: list[str]) -> str | None:
-    """The valid dotted key nearest to an unknown one, at the same level."""
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    matches = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
-    if not matches:
-        matches = [k for k in model.model_fields if k.lower() == loc[-1].lower()]
-    return ".".join([*loc[:-1], matches[0]]) if matches else None
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def section_digest_tree(cfg: Config, keys: list[str]) -> dict[str, Any]:
-    """The parts of the resolved config named by dotted `keys` (for fingerprints)."""
-    full = cfg.model_dump(mode="json")
-    out: dict[str, Any] = {}
-    for key in keys:
-        node: Any = full
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out

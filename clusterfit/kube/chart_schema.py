@@ -49,13 +49,27 @@ def controller_schema() -> dict[str, Any]:
         "The Job that runs `clusterfit submit --in-cluster`: it creates the step PyTorchJobs one by one.",
         {
             "image": image,
-            "imagePullSecrets": {"type": "array", "items": {"type": "string"}, "description": "Names of docker-registry Secrets."},
+            "imagePullSecrets": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Names of docker-registry Secrets.",
+            },
             "resources": _open_map("Kubernetes resources of the controller container."),
             "backoffLimit": _int("Retries of the controller pod; a rerun resumes from the step jobs that exist.", 0),
             "activeDeadlineSeconds": _int("The whole pipeline must finish within this many seconds.", 1),
-            "ttlSecondsAfterFinished": _int("Delete the finished controller Job after this many seconds; null: keep it.", 0, nullable=True),
-            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}, "description": "nodeSelector of the controller pod."},
-            "tolerations": {"type": "array", "items": {"type": "object"}, "description": "Tolerations of the controller pod."},
+            "ttlSecondsAfterFinished": _int(
+                "Delete the finished controller Job after this many seconds; null: keep it.", 0, nullable=True
+            ),
+            "nodeSelector": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "nodeSelector of the controller pod.",
+            },
+            "tolerations": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "Tolerations of the controller pod.",
+            },
         },
     )
 
@@ -87,12 +101,23 @@ def values_schema() -> dict[str, Any]:
         "experiment": config,
         "s3": _obj(
             "Object storage credentials, by reference only.",
-            {"secretName": _str("Required: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml).")},
+            {
+                "secretName": _str(
+                    "Required: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see "
+                    "k8s/s3-secret.example.yaml)."
+                )
+            },
         ),
         "controller": controller_schema(),
         "checks": _obj(
             "Early failures at install time.",
-            {"pytorchJobCRD": {"type": "boolean", "description": "Fail unless the kubeflow.org/v1 PyTorchJob CRD is served (off for offline rendering)."}},
+            {
+                "pytorchJobCRD": {
+                    "type": "boolean",
+                    "description": "Fail unless the kubeflow.org/v1 PyTorchJob CRD is served "
+                    "(off for offline rendering).",
+                }
+            },
         ),
         "tests": _obj("The `helm test` pod.", {"image": _str("Image of the test pod; empty: the controller image.")}),
     }

@@ -23,7 +23,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from clusterfit.kube.controller_config import ControllerConfig
+from clusterfit.config import ControllerConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,13 @@ def translate(exc: ApiException, verb: str, resource: str, namespace: str) -> Ku
         return KubeError(f"unauthorized: the API server rejected the credentials ({message})", status)
     kinds: dict[int, type[KubeError]] = {409: Conflict, 410: Gone}
     if status in RETRYABLE:
-        return Unreachable(
-            f"{verb} {resource}: the API server kept failing (HTTP {status}): {message}", status
-        )
+        return Unreachable(f"{verb} {resource}: the API server kept failing (HTTP {status}): {message}", status)
     return kinds.get(status, KubeError)(f"{verb} {resource}: {message}", status)
 
 
 class Backoff:
-    """Doubling waits from BACKOFF_INITIAL_S up to BACKOFF_MAX_S; gives up after RETRY_TIMEOUT_S of failures in a row."""
+    """Doubling waits from BACKOFF_INITIAL_S up to BACKOFF_MAX_S; gives up after RETRY_TIMEOUT_S of failures in a
+    row."""
 
     def __init__(self, settings: ControllerConfig, sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
@@ -176,9 +175,7 @@ class Kube:
             raise
         return dict(job)
 
-    def list_jobs(
-        self, name: str | None = None, label_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]:
+    def list_jobs(self, name: str | None = None, label_selector: str | None = None) -> tuple[list[dict[str, Any]], str]:
         """The jobs (one, by `name`, or all matching `label_selector`) and the list's resourceVersion."""
         selector = {"field_selector": f"metadata.name={name}"} if name else {}
         if label_selector:
@@ -218,11 +215,17 @@ class Kube:
         timeout_s = self.settings.WATCH_TIMEOUT_S
         try:
             for event in watcher.stream(
-                self.jobs.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-                field_selector=f"metadata.name={name}", resource_version=resource_version,
-                timeout_seconds=timeout_s, allow_watch_bookmarks=True,
+                self.jobs.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                field_selector=f"metadata.name={name}",
+                resource_version=resource_version,
+                timeout_seconds=timeout_s,
+                allow_watch_bookmarks=True,
                 _request_timeout=(self.settings.REQUEST_TIMEOUT_S, timeout_s + self.settings.REQUEST_TIMEOUT_S),
-            ):  # fmt: skip
+            ):
                 yield str(event["type"]), dict(event["raw_object"])
         except ApiException as exc:
             error = translate(exc, "watch", "pytorchjobs", self.namespace)
@@ -249,9 +252,7 @@ class Kube:
     def create_config_map(self, config_map: dict[str, Any]) -> dict[str, Any]:
         """Not in the controller's Role: only `clusterfit submit` without --owner-configmap calls it."""
         return self.plain(
-            self.call(
-                "create", "configmaps", self.core.create_namespaced_config_map, self.namespace, config_map
-            )
+            self.call("create", "configmaps", self.core.create_namespaced_config_map, self.namespace, config_map)
         )
 
     def replace_config_map(self, config_map: dict[str, Any]) -> dict[str, Any]:

@@ -23,20 +23,19 @@ from typing import Any
 
 import yaml
 
-from clusterfit.config import Config, load_config
+from clusterfit.artifacts.layout import pod_log, step_folders
+from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Kube, KubeError, load_api_client
 from clusterfit.kube.controller import (
     CONTAINER,
     Controller,
     ControllerError,
     condition_text,
-    log_key,
     master_pod,
     step_done,
     verdict,
 )
 from clusterfit.kube.manifests import ManifestError, build_all, build_config_map, job_name
-from clusterfit.layout import step_folders
 from clusterfit.storage import StorageError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     p.add_argument("--context", help="kubeconfig context (default: its current context)")
     p.add_argument("--namespace", help="namespace of the step jobs (default: KUBERNETES.NAMESPACE)")
-    p.add_argument(
-        "--in-cluster", action="store_true", help="use the pod's service account (the chart's Job)"
-    )
+    p.add_argument("--in-cluster", action="store_true", help="use the pod's service account (the chart's Job)")
     return p
 
 
@@ -59,7 +56,7 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespa
     """Flags, the config (namespace override applied) and the bare words among the arguments."""
     ns = p.parse_intermixed_args(argv)
     words = [a for a in ns.args if "=" not in a]
-    cfg = load_config([a for a in ns.args if "=" in a])
+    cfg = config_from_args([a for a in ns.args if "=" in a])
     if ns.namespace:
         cfg.KUBERNETES.NAMESPACE = ns.namespace
     return ns, cfg, words
@@ -110,9 +107,7 @@ def ensure_config_map(kube: Kube, cfg: Config, owner_name: str | None) -> tuple[
     if owner_name:
         found = kube.get_config_map(owner_name)
         if found is None:
-            raise ControllerError(
-                f"--owner-configmap {owner_name}: no such ConfigMap in namespace {kube.namespace}"
-            )
+            raise ControllerError(f"--owner-configmap {owner_name}: no such ConfigMap in namespace {kube.namespace}")
         return owner_name, owner_reference(found)
     name = default_config_map_name(cfg)
     desired = build_config_map(cfg, name)
@@ -149,9 +144,7 @@ def ask_cancel(job: str) -> bool:
     if not sys.stdin.isatty():
         return False
     try:
-        answer = input(
-            f"\nPyTorchJob {job} is still running. [c]ancel it, or [d]etach and leave it running? [d] "
-        )
+        answer = input(f"\nPyTorchJob {job} is still running. [c]ancel it, or [d]etach and leave it running? [d] ")
     except (EOFError, KeyboardInterrupt):
         return False
     return answer.strip().lower().startswith("c")
@@ -183,9 +176,7 @@ def cli_submit(argv: list[str]) -> int:
     p.add_argument(
         "--server-dry-run", action="store_true", help="have the API server validate the jobs; create nothing"
     )
-    p.add_argument(
-        "--owner-configmap", metavar="NAME", help="existing ConfigMap with the config; jobs are owned by it"
-    )
+    p.add_argument("--owner-configmap", metavar="NAME", help="existing ConfigMap with the config; jobs are owned by it")
     ns, cfg, _ = parse(p, argv)
     config_map_name = ns.owner_configmap or default_config_map_name(cfg)
     if ns.dry_run:
@@ -203,16 +194,12 @@ def cli_submit(argv: list[str]) -> int:
 # ---- status, logs, cancel ----------------------------------------------------------------------
 
 
-def step_jobs(
-    cfg: Config, kube: Kube, steps: list[str] | None = None
-) -> list[tuple[str, str, dict[str, Any] | None]]:
+def step_jobs(cfg: Config, kube: Kube, steps: list[str] | None = None) -> list[tuple[str, str, dict[str, Any] | None]]:
     """(step, job name, job or None) for the given steps, else every configured one."""
     chosen = steps or list(cfg.PIPELINE.STEPS)
     unknown = [s for s in chosen if s not in cfg.PIPELINE.STEPS]
     if unknown:
-        raise ControllerError(
-            f"unknown step {unknown[0]!r}; this experiment runs {', '.join(cfg.PIPELINE.STEPS)}"
-        )
+        raise ControllerError(f"unknown step {unknown[0]!r}; this experiment runs {', '.join(cfg.PIPELINE.STEPS)}")
     return [(step, job_name(cfg, step), kube.get_job(job_name(cfg, step))) for step in chosen]
 
 
@@ -260,9 +247,7 @@ def cli_logs(argv: list[str]) -> int:
     kube = connect(ns, cfg)
     existing = [(step, name) for step, name, job in step_jobs(cfg, kube, words) if job or words]
     if not existing:
-        raise ControllerError(
-            f"experiment {cfg.EXPERIMENT.NAME} has no step jobs in namespace {kube.namespace}"
-        )
+        raise ControllerError(f"experiment {cfg.EXPERIMENT.NAME} has no step jobs in namespace {kube.namespace}")
     step, name = existing[-1]
     pod = master_pod(name)
     if ns.follow:
@@ -272,11 +257,11 @@ def cli_logs(argv: list[str]) -> int:
         return 0
     if kube.get_pod(pod) is None:  # gone: the copy the controller saved, if any
         store = experiment_store(cfg)
-        if store.exists(log_key(step, pod)):
-            print(store.get_bytes(log_key(step, pod)).decode(errors="replace"), end="")
+        if store.exists(pod_log(step, pod)):
+            print(store.get_bytes(pod_log(step, pod)).decode(errors="replace"), end="")
             return 0
         raise ControllerError(
-            f"pod {pod} does not exist (yet, or any more) and no saved log is at {store.uri(log_key(step, pod))}"
+            f"pod {pod} does not exist (yet, or any more) and no saved log is at {store.uri(pod_log(step, pod))}"
         )
     print(kube.read_log(pod, CONTAINER, tail_lines=ns.tail), end="")
     return 0
@@ -292,11 +277,7 @@ def cli_cancel(argv: list[str]) -> int:
     acted = 0
     for _, name, job in step_jobs(cfg, kube, words):
         state = verdict(job) if job else "absent"
-        if (
-            job is None
-            or (not words and state == "Succeeded")
-            or (ns.suspend and state in ("Succeeded", "Failed"))
-        ):
+        if job is None or (not words and state == "Succeeded") or (ns.suspend and state in ("Succeeded", "Failed")):
             continue
         if ns.suspend:
             kube.patch_job(name, {"spec": {"runPolicy": {"suspend": True}}})

@@ -17,11 +17,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from clusterfit.artifacts import MANIFEST
+from clusterfit.artifacts.layout import MANIFEST, pod_log, step_folders
 from clusterfit.config import Config
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
 from clusterfit.kube.manifests import CONTAINER, HASH_ANNOTATION, build_step_job
-from clusterfit.layout import step_folders
 from clusterfit.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
@@ -79,18 +78,14 @@ def plan(existing: dict[str, Any] | None, desired: dict[str, Any]) -> str:
     raise ControllerError(
         f"a PyTorchJob named {name} already exists with a different spec (spec-hash "
         f"{spec_hash_of(existing) or 'missing'}, this config gives {spec_hash_of(desired)}); refusing to replace it. "
-        f"Cancel or delete it first (clusterfit cancel config=..., or kubectl delete pytorchjob {name}), then submit again."
+        f"Cancel or delete it first (clusterfit cancel config=..., or kubectl delete pytorchjob {name}), then submit "
+        "again."
     )
 
 
 def step_done(store: Store, folders: list[str]) -> bool:
     """All the step's folders hold their `_SUCCESS.json` (what `clusterfit run` skips on, too)."""
     return bool(folders) and all(store.exists(f"{folder}/{MANIFEST}") for folder in folders)
-
-
-def log_key(step: str, pod: str) -> str:
-    """Where a step's pod log is saved under the experiment root."""
-    return f"logs/{step}/{pod}.log"
 
 
 def master_pod(job_name: str) -> str:
@@ -117,9 +112,7 @@ def pod_problems(pods: list[dict[str, Any]], events: list[dict[str, Any]], max_e
         status = pod.get("status") or {}
         for condition in status.get("conditions") or []:
             if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-                found.append(
-                    f"pod {name}: not scheduled: {condition.get('reason')}: {condition.get('message', '')}"
-                )
+                found.append(f"pod {name}: not scheduled: {condition.get('reason')}: {condition.get('message', '')}")
         found.extend(_container_problems(name, status))
     warnings = [e for e in events if e.get("type") == "Warning"][-max_events:] if max_events else []
     for event in warnings:
@@ -155,7 +148,7 @@ class Controller:
         """Every step in order; raises ControllerError (with the failure report) when one fails."""
         for step in self.cfg.PIPELINE.STEPS:
             if step_done(self.store, step_folders(self.cfg, step)):
-                log.info("step %s: already done (its _SUCCESS.json exists): skipped", step)
+                log.info("step %s: already done (its %s exists): skipped", step, MANIFEST)
                 continue
             job = self.start(step)
             self.current = job["metadata"]["name"]
@@ -166,9 +159,7 @@ class Controller:
             self.check_outputs(step, job)
             self.current = None
             log.info("step %s: Succeeded", step)
-        log.info(
-            "experiment %s: all steps done; artifacts under %s", self.cfg.EXPERIMENT.NAME, self.store.uri("")
-        )
+        log.info("experiment %s: all steps done; artifacts under %s", self.cfg.EXPERIMENT.NAME, self.store.uri(""))
 
     def start(self, step: str) -> dict[str, Any]:
         """Create the step's job, or adopt the identical one that already exists."""
@@ -187,9 +178,7 @@ class Controller:
                         f"PyTorchJob {name} appeared and vanished while creating it; submit again"
                     ) from None
         assert existing is not None
-        log.info(
-            "step %s: adopted the existing PyTorchJob %s (same spec), now %s", step, name, verdict(existing)
-        )
+        log.info("step %s: adopted the existing PyTorchJob %s (same spec), now %s", step, name, verdict(existing))
         return existing
 
     def follow(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -261,9 +250,7 @@ class Controller:
         """Never start a step before its input exists: a Succeeded job must have published its outputs."""
         folders = step_folders(self.cfg, step)
         if self.settings.VERIFY_OUTPUTS and not step_done(self.store, folders):
-            missing = [
-                self.store.uri(f"{f}/{MANIFEST}") for f in folders if not self.store.exists(f"{f}/{MANIFEST}")
-            ]
+            missing = [self.store.uri(f"{f}/{MANIFEST}") for f in folders if not self.store.exists(f"{f}/{MANIFEST}")]
             raise ControllerError(
                 f"step {step}: PyTorchJob {job['metadata']['name']} Succeeded but its outputs are not published "
                 f"(missing {', '.join(missing)}); not starting the next step"
@@ -282,10 +269,8 @@ class Controller:
         for pod in (p["metadata"]["name"] for p in pods):
             try:
                 logs[pod] = self.kube.read_log(pod, CONTAINER)
-                self.store.put_bytes(log_key(step, pod), logs[pod].encode())
-                log.info(
-                    "step %s: saved the log of pod %s to %s", step, pod, self.store.uri(log_key(step, pod))
-                )
+                self.store.put_bytes(pod_log(step, pod), logs[pod].encode())
+                log.info("step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
             except (KubeError, StorageError) as exc:
                 log.warning("step %s: cannot save the log of pod %s: %s", step, pod, exc)
         return logs
@@ -296,11 +281,7 @@ class Controller:
         lines = [f"step {step} failed: PyTorchJob {name}: {condition_text(job, 'Failed') or 'Failed'}"]
         try:
             pods = self.kube.list_pods(name)
-            events = [
-                e
-                for obj in [name, *(p["metadata"]["name"] for p in pods)]
-                for e in self.kube.list_events(obj)
-            ]
+            events = [e for obj in [name, *(p["metadata"]["name"] for p in pods)] for e in self.kube.list_events(obj)]
             lines += [f"  {p}" for p in pod_problems(pods, events, self.settings.MAX_EVENTS)]
         except KubeError as exc:
             pods = []

@@ -20,7 +20,8 @@ from typing import Any
 
 from clusterfit import __version__
 from clusterfit.config import STEPS, Config, to_yaml
-from clusterfit.kube.spec import CREDENTIAL_ENV
+from clusterfit.config.kubernetes import CREDENTIAL_ENV
+from clusterfit.errors import UserError
 
 API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the training container (and its port) by this name
@@ -38,7 +39,7 @@ CLEAN_POD_POLICIES = ("All", "Running", "None")
 MANAGED_BY = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A config that cannot become valid Kubernetes objects; the message names the key or field."""
 
 
@@ -94,10 +95,15 @@ def step_command(cfg: Config, step: str) -> list[str]:
     if nproc == 1:
         return ["clusterfit", *step_args]
     return [
-        "python", "-m", "torch.distributed.run",
-        f"--nnodes={cfg.DISTRIBUTED.NUM_NODES}", f"--nproc-per-node={nproc}",
-        "-m", "clusterfit", *step_args,
-    ]  # fmt: skip
+        "python",
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={cfg.DISTRIBUTED.NUM_NODES}",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "clusterfit",
+        *step_args,
+    ]
 
 
 def container_env(cfg: Config) -> list[dict[str, Any]]:
@@ -144,7 +150,10 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
         "env": container_env(cfg),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "resources": step_resources(cfg, step),
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     spec: dict[str, Any] = {
@@ -198,7 +207,9 @@ def check_root(cfg: Config) -> None:
         )
 
 
-def build_step_job(cfg: Config, step: str, *, config_map_name: str, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_step_job(
+    cfg: Config, step: str, *, config_map_name: str, owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One PyTorchJob for `step`: a Master and NUM_NODES-1 Workers, annotated with its spec hash."""
     if step not in STEPS:
         raise ManifestError(f"unknown step {step!r}: one of {', '.join(STEPS)}")
@@ -208,7 +219,11 @@ def build_step_job(cfg: Config, step: str, *, config_map_name: str, owner: dict[
     template = pod_template(cfg, step, config_map_name)
     replicas = {"Master": {"replicas": 1, "restartPolicy": kube.RESTART_POLICY, "template": template}}
     if num_workers(cfg) > 0:
-        replicas["Worker"] = {"replicas": num_workers(cfg), "restartPolicy": kube.RESTART_POLICY, "template": copy.deepcopy(template)}
+        replicas["Worker"] = {
+            "replicas": num_workers(cfg),
+            "restartPolicy": kube.RESTART_POLICY,
+            "template": copy.deepcopy(template),
+        }
     config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()
     metadata: dict[str, Any] = {
         "name": name,
@@ -224,7 +239,11 @@ def build_step_job(cfg: Config, step: str, *, config_map_name: str, owner: dict[
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": metadata,
-        "spec": {"nprocPerNode": str(procs_per_pod(cfg, step)), "runPolicy": run_policy(cfg), "pytorchReplicaSpecs": replicas},
+        "spec": {
+            "nprocPerNode": str(procs_per_pod(cfg, step)),
+            "runPolicy": run_policy(cfg),
+            "pytorchReplicaSpecs": replicas,
+        },
     }
     metadata["annotations"][HASH_ANNOTATION] = spec_hash(job)
     validate_job(job)
@@ -268,7 +287,10 @@ def validate_job(job: dict[str, Any]) -> None:
         errors.append(f"apiVersion/kind: must be {API_VERSION} {KIND}, got {job.get('apiVersion')} {job.get('kind')}")
     name = str(job.get("metadata", {}).get("name", ""))
     if not DNS1035.match(name):
-        errors.append(f"metadata.name {name!r}: must be a DNS-1035 label (lower-case letters, digits, '-', starting with a letter)")
+        errors.append(
+            f"metadata.name {name!r}: must be a DNS-1035 label (lower-case letters, digits, '-', starting with a "
+            "letter)"
+        )
     if len(name) > MAX_JOB_NAME:
         errors.append(f"metadata.name {name!r}: {len(name)} characters, at most {MAX_JOB_NAME}")
     spec = job.get("spec") or {}
@@ -283,7 +305,11 @@ def _replica_errors(replicas: Any) -> list[str]:
     path = "spec.pytorchReplicaSpecs"
     if not isinstance(replicas, dict) or not replicas:
         return [f"{path}: required (a Master with replicas: 1)"]
-    errors = [f"{path}.{rtype}: unknown replica type, one of {', '.join(REPLICA_TYPES)}" for rtype in replicas if rtype not in REPLICA_TYPES]
+    errors = [
+        f"{path}.{rtype}: unknown replica type, one of {', '.join(REPLICA_TYPES)}"
+        for rtype in replicas
+        if rtype not in REPLICA_TYPES
+    ]
     if "Master" not in replicas:
         errors.append(f"{path}.Master: required (the controller follows <job>-master-0)")
     for rtype, rspec in replicas.items():
@@ -312,7 +338,10 @@ def _container_errors(path: str, containers: list[dict[str, Any]]) -> list[str]:
             errors.append(f"{path}[{i}].image: required")
         for var in container.get("env") or []:
             if var.get("name") in CREDENTIAL_ENV and "value" in var:
-                errors.append(f"{path}[{i}].env.{var['name']}: a credential must come from a Secret (valueFrom.secretKeyRef), never a value")
+                errors.append(
+                    f"{path}[{i}].env.{var['name']}: a credential must come from a Secret (valueFrom.secretKeyRef), "
+                    "never a value"
+                )
     return errors
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from clusterfit.config import ConfigError, load_config
+from clusterfit.config import ConfigError, config_from_args
 from clusterfit.kube.manifests import ManifestError, build_all
 
 RENDERED = re.compile(r"^\d\d-[a-z0-9-]+\.yaml$")
@@ -71,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clusterfit render",
         description="Write the experiment's ConfigMap and one PyTorchJob per step as YAML for kubectl apply.",
     )
-    parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: k8s/rendered/<EXPERIMENT.NAME>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the files (default: k8s/rendered/<EXPERIMENT.NAME>)"
+    )
     parser.add_argument("--stdout", action="store_true", help="print all objects as one multi-document YAML instead")
-    parser.add_argument("--config-map-name", default=None, help="name of the config ConfigMap (default: <EXPERIMENT.NAME>-config)")
+    parser.add_argument(
+        "--config-map-name", default=None, help="name of the config ConfigMap (default: <EXPERIMENT.NAME>-config)"
+    )
     parser.add_argument("args", nargs="*", help="config=<name or path> and config.KEY.PATH=value overrides")
     return parser
 
@@ -82,12 +86,15 @@ def cli_render(argv: list[str]) -> int:
     """Entry point of `clusterfit render`; returns the exit code (2 for a config that cannot render)."""
     ns = build_parser().parse_intermixed_args(argv)
     try:
-        cfg = load_config(ns.args)
+        cfg = config_from_args(ns.args)
         objects = build_all(cfg, config_map_name=ns.config_map_name or f"{cfg.EXPERIMENT.NAME}-config")
     except (ConfigError, ManifestError) as exc:
         print(f"clusterfit render: error: {exc}", file=sys.stderr)
         return 2
-    header = f"# Rendered by: clusterfit render {shlex.join(argv)}\n# Edit the config and render again rather than this file.\n"
+    header = (
+        f"# Rendered by: clusterfit render {shlex.join(argv)}\n"
+        "# Edit the config and render again rather than this file.\n"
+    )
     if ns.stdout:
         sys.stdout.write(header + "---\n".join(dump_yaml(obj) for obj in objects))
         return 0

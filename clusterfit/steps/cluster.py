@@ -25,12 +25,23 @@ from typing import Any
 import numpy as np
 
 from clusterfit import artifacts, kmeans
+from clusterfit.artifacts.features import FeatureParts, InputError
+from clusterfit.artifacts.layout import (
+    CENTROIDS,
+    CLUSTER_STATS,
+    CLUSTER_WORK,
+    DISTANCES,
+    LABELS,
+    assignment_name,
+    cluster_folder,
+    cluster_work,
+    features_folder,
+    split_file,
+)
+from clusterfit.artifacts.lineage import start_weights
 from clusterfit.config import Config
-from clusterfit.features import FeatureParts, InputError
-from clusterfit.layout import cluster_folder, features_folder, start_weights
-from clusterfit.runtime import Ranks, ranks_from_env
+from clusterfit.runtime import Ranks, ranks_from_env, wait_for_keys
 from clusterfit.storage import Store, array_to_bytes, open_store
-from clusterfit.sync import wait_for_keys
 
 log = logging.getLogger(__name__)
 MIN_POINTS_PER_CENTROID = 39  # faiss warns below this many training points per centroid
@@ -54,25 +65,24 @@ def run(cfg: Config) -> ClusterResult:
     for split in other_splits(cfg, store, main_split):
         parts[split] = open_features(cfg, store, split)
     fp = fingerprint(cfg, parts)
-    if artifacts.is_published(store, folder, fp):
-        log.info("cluster: already published at %s with the same config and inputs; skipping", store.uri(folder))
+    if artifacts.skip_if_published(store, folder, fp, "cluster"):
         return ClusterResult(folder, True)
     log.info("cluster: writing to %s", store.uri(folder))
     started = time.time()
     check_sizes(cfg, parts[main_split].num_rows)
     # Centroids: rank 0 trains them on a seeded sample; the other ranks wait for them.
-    work = f"{folder}/_work/{fp[:16]}"
+    work = cluster_work(folder, fp)
     trained, sample = train_centroids(cfg, parts[main_split]) if ranks.is_main else (None, None)
     if ranks.is_main:
         assert trained is not None
-        store.put_bytes(f"{work}/centroids.npy", array_to_bytes(trained.centroids))
-    centroids = trained.centroids if trained else load_when_ready(cfg, store, f"{work}/centroids.npy")
+        store.put_bytes(f"{work}/{CENTROIDS}", array_to_bytes(trained.centroids))
+    centroids = trained.centroids if trained else load_when_ready(cfg, store, f"{work}/{CENTROIDS}")
     # Assignment: each rank streams its share of the parts of every split (rank 0 reuses the
     # prepared training sample when it is every row, instead of reading and normalising again).
     assign = kmeans.assigner(cfg.CLUSTERFIT.CLUSTER_BACKEND, centroids)
     for split, feature_parts in parts.items():
         partial = assign_parts(cfg, feature_parts, assign, ranks, sample if split == main_split else None)
-        store.put_bytes(f"{work}/assign-{split}-rank{ranks.rank:05d}.npy", array_to_bytes(partial))
+        store.put_bytes(f"{work}/{assignment_name(split, ranks.rank)}", array_to_bytes(partial))
     del sample
     if not ranks.is_main:
         return ClusterResult(folder, False)
@@ -99,20 +109,27 @@ def check_feature_set(cfg: Config, store: Store, manifest: dict[str, Any], folde
     layer = cfg.CLUSTERFIT.FEATURES.LAYER_NAME
     where = store.uri(folder)
     if layer not in model.get("layers", []):
-        raise InputError(f"{where}: features of layer(s) {model.get('layers')}, but CLUSTERFIT.FEATURES.LAYER_NAME={layer}")
+        raise InputError(
+            f"{where}: features of layer(s) {model.get('layers')}, but CLUSTERFIT.FEATURES.LAYER_NAME={layer}"
+        )
     if model.get("trunk", {}).get("NAME") != cfg.MODEL.TRUNK.NAME:
-        raise InputError(f"{where}: features of a {model.get('trunk', {}).get('NAME')}, but MODEL.TRUNK.NAME={cfg.MODEL.TRUNK.NAME}")
+        raise InputError(
+            f"{where}: features of a {model.get('trunk', {}).get('NAME')}, but MODEL.TRUNK.NAME={cfg.MODEL.TRUNK.NAME}"
+        )
     expected = start_weights(cfg, store).uri
     if model.get("weights", {}).get("uri", "") != expected:
         raise InputError(
             f"{where}: features from weights {model.get('weights', {}).get('uri') or '<random init>'!r}, "
-            f"but the config starts from {expected or '<random init>'!r} (MODEL.WEIGHTS_INIT.PARAMS_FILE); rerun extract"
+            f"but the config starts from {expected or '<random init>'!r} (MODEL.WEIGHTS_INIT.PARAMS_FILE); rerun "
+            "extract"
         )
 
 
 def fingerprint(cfg: Config, parts: dict[str, FeatureParts]) -> str:
     keys = cfg.CLUSTERFIT.model_dump(mode="json", exclude={"RANK_WAIT_TIMEOUT_S", "ASSIGN_BATCH_SIZE"})
-    return artifacts.fingerprint("cluster", {"CLUSTERFIT": keys, "SEED": cfg.EXPERIMENT.SEED}, {s: p.digest for s, p in parts.items()})
+    return artifacts.fingerprint(
+        "cluster", {"CLUSTERFIT": keys, "SEED": cfg.EXPERIMENT.SEED}, {s: p.digest for s, p in parts.items()}
+    )
 
 
 def check_sizes(cfg: Config, num_points: int) -> None:
@@ -122,8 +139,11 @@ def check_sizes(cfg: Config, num_points: int) -> None:
     if num_points < MIN_POINTS_PER_CENTROID * k:
         log.warning(
             "cluster: only %d points for %d clusters (%.1f per cluster, fewer than %d): centroids will be noisy",
-            num_points, k, num_points / k, MIN_POINTS_PER_CENTROID,
-        )  # fmt: skip
+            num_points,
+            k,
+            num_points / k,
+            MIN_POINTS_PER_CENTROID,
+        )
 
 
 def train_centroids(cfg: Config, parts: FeatureParts) -> tuple[kmeans.Centroids, np.ndarray | None]:
@@ -135,11 +155,23 @@ def train_centroids(cfg: Config, parts: FeatureParts) -> tuple[kmeans.Centroids,
     sample = parts.gather(rows)  # a fresh array: normalised in place, no second copy
     if c.L2_NORMALIZE:
         sample = kmeans.l2_normalize(sample, inplace=True)
-    log.info("cluster: training %d centroids on %d of %d points (d=%d, backend %s)", c.NUM_CLUSTERS, len(sample), parts.num_rows, sample.shape[1], c.CLUSTER_BACKEND)
+    log.info(
+        "cluster: training %d centroids on %d of %d points (d=%d, backend %s)",
+        c.NUM_CLUSTERS,
+        len(sample),
+        parts.num_rows,
+        sample.shape[1],
+        c.CLUSTER_BACKEND,
+    )
     trained = kmeans.train(
-        c.CLUSTER_BACKEND, sample, c.NUM_CLUSTERS, niter=c.N_ITER, seed=cfg.EXPERIMENT.SEED,
-        max_points_per_centroid=c.MAX_POINTS_PER_CENTROID, algorithm=c.ALGORITHM,
-    )  # fmt: skip
+        c.CLUSTER_BACKEND,
+        sample,
+        c.NUM_CLUSTERS,
+        niter=c.N_ITER,
+        seed=cfg.EXPERIMENT.SEED,
+        max_points_per_centroid=c.MAX_POINTS_PER_CENTROID,
+        algorithm=c.ALGORITHM,
+    )
     return trained, (sample if rows is None else None)
 
 
@@ -178,9 +210,11 @@ def assign_parts(
 ASSIGN_DTYPE = np.dtype([("index", "<i8"), ("label", "<i8"), ("sqdist", "<f4")])
 
 
-def merge(store: Store, work: str, split: str, world_size: int, num_images: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+def merge(
+    store: Store, work: str, split: str, world_size: int, num_images: int, timeout_s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's assignments -> labels (int64, -1 where absent) and distances, in dataset order."""
-    keys = [f"{work}/assign-{split}-rank{r:05d}.npy" for r in range(world_size)]
+    keys = [f"{work}/{assignment_name(split, rank)}" for rank in range(world_size)]
     wait_for_keys(store, keys, timeout_s, f"the other ranks' {split} assignments")
     rows = np.concatenate([store.get_array(key) for key in keys])
     if len(np.unique(rows["index"])) != len(rows):
@@ -211,33 +245,57 @@ def cluster_stats(labels: np.ndarray, k: int, trained: kmeans.Centroids) -> dict
 
 
 def publish(
-    cfg: Config, store: Store, folder: str, work: str, parts: dict[str, FeatureParts], trained: kmeans.Centroids,
-    ranks: Ranks, fp: str, started: float,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: Config,
+    store: Store,
+    folder: str,
+    work: str,
+    parts: dict[str, FeatureParts],
+    trained: kmeans.Centroids,
+    ranks: Ranks,
+    fp: str,
+    started: float,
+) -> dict[str, Any]:
     ledger = artifacts.Ledger(store, folder)
-    ledger.put_array("centroids.npy", trained.centroids)
+    ledger.put_array(CENTROIDS, trained.centroids)
     main_split = cfg.CLUSTERFIT.FEATURES.DATA_PARTITION
     stats: dict[str, Any] = {}
     for split, feature_parts in parts.items():
-        labels, dists = merge(store, work, split, ranks.world_size, feature_parts.num_images, cfg.CLUSTERFIT.RANK_WAIT_TIMEOUT_S)
-        prefix = "" if split == main_split else f"{split.lower()}/"
-        ledger.put_array(f"{prefix}labels.npy", labels)
-        ledger.put_array(f"{prefix}distances.npy", dists)
+        labels, dists = merge(
+            store, work, split, ranks.world_size, feature_parts.num_images, cfg.CLUSTERFIT.RANK_WAIT_TIMEOUT_S
+        )
+        ledger.put_array(split_file(split, LABELS, main_split), labels)
+        ledger.put_array(split_file(split, DISTANCES, main_split), dists)
         if split == main_split:
             stats = cluster_stats(labels, cfg.CLUSTERFIT.NUM_CLUSTERS, trained)
             stats["mean_sqdist"] = float(np.nanmean(dists)) if np.isfinite(dists).any() else None
-    ledger.put_json("stats.json", stats)
+    ledger.put_json(CLUSTER_STATS, stats)
     artifacts.publish(
-        ledger, step="cluster", config=cfg.model_dump(mode="json"), fingerprint_=fp, started_s=started,
+        ledger,
+        step="cluster",
+        config=cfg.model_dump(mode="json"),
+        fingerprint_=fp,
+        started_s=started,
         inputs={s: p.digest for s, p in parts.items()},
-        extra={"num_clusters": cfg.CLUSTERFIT.NUM_CLUSTERS, "layer": cfg.CLUSTERFIT.FEATURES.LAYER_NAME, "partition": main_split},
-    )  # fmt: skip
-    for key in store.list(f"{folder}/_work/"):
+        extra={
+            "num_clusters": cfg.CLUSTERFIT.NUM_CLUSTERS,
+            "layer": cfg.CLUSTERFIT.FEATURES.LAYER_NAME,
+            "partition": main_split,
+        },
+    )
+    for key in store.list(f"{folder}/{CLUSTER_WORK}/"):
         store.delete(key)
     log.info(
         "cluster: published %s: %d points, %d clusters (%d empty, sizes %d..%d), final objective %.4g",
-        store.uri(folder), stats["num_points"], stats["num_clusters"], stats["empty_clusters"], stats["smallest"],
-        stats["largest"], trained.objective[-1] if trained.objective else float("nan"),
-    )  # fmt: skip
-    log.info("cluster: stats %s", json.dumps({k: v for k, v in stats.items() if k != "sizes" and k != "objective_per_iteration"}))
+        store.uri(folder),
+        stats["num_points"],
+        stats["num_clusters"],
+        stats["empty_clusters"],
+        stats["smallest"],
+        stats["largest"],
+        trained.objective[-1] if trained.objective else float("nan"),
+    )
+    log.info(
+        "cluster: stats %s",
+        json.dumps({k: v for k, v in stats.items() if k != "sizes" and k != "objective_per_iteration"}),
+    )
     return stats

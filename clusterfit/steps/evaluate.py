@@ -9,35 +9,42 @@ TRAIN and measured on TEST; with EVALUATE.LOW_SHOT, kNN top-1 again with only n 
 images per class (the mean over LOW_SHOT_DRAWS random subsets, the same subsets for every model),
 where a representation's quality shows long before full-data kNN saturates. NMI and ARI of the
 cluster labels against ground truth. A difference is called real only when it exceeds twice its
-standard error: the TEST set's binomial error, plus the spread over the draws for low-shot.
-Writes `eval/metrics.json` and the run report (`eval/report.html`, `eval/report.md`, PNGs).
+standard error: the TEST set's binomial error, plus the spread over the draws for low-shot
+(`probes` has the measures). Writes `eval/metrics.json` and the run report (`eval/report.html`,
+`eval/report.md`, PNGs).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-from torch import nn
 from torch.nn import functional as F
 
 from clusterfit import artifacts, distributed, report
+from clusterfit.artifacts.layout import (
+    EVAL,
+    EVAL_METRICS,
+    FINAL_CHECKPOINT,
+    LABELS,
+    REPORT_HTML,
+    TRAIN,
+    cluster_folder,
+    split_file,
+)
+from clusterfit.artifacts.lineage import StartWeights, start_weights
 from clusterfit.config import Config, ConfigError
 from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
-from clusterfit.extract import forward_features, memory_format, starting_model
-from clusterfit.layout import EVAL, TRAIN, cluster_folder, start_weights
-from clusterfit.models import Network, build_network
+from clusterfit.models import Network, build_network, forward_features, memory_format
+from clusterfit.probes import agreement, check_low_shot, compare, low_shot_subsets, measure
 from clusterfit.storage import Store, open_store
-from clusterfit.weights import load_weights
+from clusterfit.weights import load_weights, starting_model
 
 log = logging.getLogger(__name__)
-CPU = torch.device("cpu")
 
 
 @dataclass
@@ -45,6 +52,7 @@ class EvalResult:
     folder: str
     skipped: bool
     metrics: dict[str, Any] | None = field(default=None, repr=False)  # in eval/metrics.json; too long for a log line
+    summary: list[str] = field(default_factory=list, repr=False)  # the report's verdict lines
 
 
 def run(cfg: Config) -> EvalResult:
@@ -52,17 +60,22 @@ def run(cfg: Config) -> EvalResult:
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     if not dist.is_main:  # evaluation is small next to training: rank 0 does it
         return EvalResult(EVAL, True)
+    # Inputs: the starting weights, the ClusterFit network and the clusters, all published.
     start = start_weights(cfg, store)
     train_manifest = artifacts.read_manifest(store, TRAIN)
     cluster_manifest = artifacts.read_manifest(store, cluster_folder(cfg))
-    inputs = {"start": start.digest or start.uri, "train": train_manifest["_digest"], "cluster": cluster_manifest["_digest"]}
-    fp = artifacts.fingerprint("evaluate", {"EVALUATE": cfg.EVALUATE.model_dump(mode="json"), "test": dataset_identity(cfg, "TEST"),
-                                            "train": dataset_identity(cfg, "TRAIN"), "seed": cfg.EXPERIMENT.SEED}, inputs)  # fmt: skip
-    if artifacts.is_published(store, EVAL, fp):
-        log.info("evaluate: already published at %s with the same config and inputs; skipping", store.uri(EVAL))
-        return EvalResult(EVAL, True)
+    inputs = {
+        "start": start.digest or start.uri,
+        "train": train_manifest["_digest"],
+        "cluster": cluster_manifest["_digest"],
+    }
+    fp = fingerprint(cfg, inputs)
+    if artifacts.skip_if_published(store, EVAL, fp, "evaluate"):
+        metrics = artifacts.load_json(store, EVAL, EVAL_METRICS, artifacts.read_manifest(store, EVAL))
+        return EvalResult(EVAL, True, metrics, report.summary_lines(metrics))
     log.info("evaluate: writing to %s", store.uri(EVAL))
     started = time.time()
+    # Ground truth of both splits, and the labelled subsets every model's low-shot kNN shares.
     train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
     test_set = build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS))
     y_train, y_test = ground_truth(train_set, "TRAIN"), ground_truth(test_set, "TEST")
@@ -71,9 +84,10 @@ def run(cfg: Config) -> EvalResult:
     rows = []
     for name, model in models(cfg, store, start).items():
         for layer, (x_train, x_test) in features(cfg, model, train_set, test_set, dist.device).items():
-            rows.append(probe(cfg, name, layer, (x_train, y_train), (x_test, y_test), subsets, dist.device))
-            low = "".join(f", {n}-shot kNN {v['top1']:.2f}%" for n, v in rows[-1]["low_shot"].items())
-            log.info("evaluate %s/%s: kNN top-1 %.2f%%%s, linear top-1 %.2f%%", name, layer, rows[-1]["knn_top1"], low, rows[-1]["linear_top1"])
+            train, test = (x_train, y_train), (x_test, y_test)
+            rows.append(measure(cfg.EVALUATE, cfg.EXPERIMENT.SEED, name, layer, train, test, subsets, dist.device))
+            log.info("evaluate %s/%s: %s", name, layer, row_summary(rows[-1]))
+    # Verdicts, metrics.json and the report, then _SUCCESS.json.
     metrics = {
         "rows": rows,
         "clusters": cluster_agreement(store, cfg, cluster_manifest, y_train, y_test),
@@ -83,15 +97,32 @@ def run(cfg: Config) -> EvalResult:
         "start_weights": start.uri or "random init",
     }
     ledger = artifacts.Ledger(store, EVAL)
-    ledger.put_json("metrics.json", metrics)
-    report.write(cfg, store, ledger, metrics, test_set)
-    artifacts.publish(ledger, step="evaluate", config=cfg.model_dump(mode="json"), inputs=inputs, fingerprint_=fp, started_s=started)
-    log.info("evaluate: report at %s", store.uri(f"{EVAL}/report.html"))
-    return EvalResult(EVAL, False, metrics)
+    ledger.put_json(EVAL_METRICS, metrics)
+    report.write(cfg, store, ledger, metrics)
+    config = cfg.model_dump(mode="json")
+    artifacts.publish(ledger, step="evaluate", config=config, inputs=inputs, fingerprint_=fp, started_s=started)
+    log.info("evaluate: report at %s", store.uri(f"{EVAL}/{REPORT_HTML}"))
+    return EvalResult(EVAL, False, metrics, report.summary_lines(metrics))
+
+
+def fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
+    tree = {
+        "EVALUATE": cfg.EVALUATE.model_dump(mode="json"),
+        "test": dataset_identity(cfg, "TEST"),
+        "train": dataset_identity(cfg, "TRAIN"),
+        "seed": cfg.EXPERIMENT.SEED,
+    }
+    return artifacts.fingerprint("evaluate", tree, inputs)
+
+
+def row_summary(row: dict[str, Any]) -> str:
+    low = "".join(f", {n}-shot kNN {v['top1']:.2f}%" for n, v in row["low_shot"].items())
+    return f"kNN top-1 {row['knn_top1']:.2f}%{low}, linear top-1 {row['linear_top1']:.2f}%"
 
 
 def preflight(cfg: Config) -> None:
-    """What `clusterfit run` checks before its first step, so evaluate cannot fail on its settings after hours of training."""
+    """What `clusterfit run` checks before its first step, so evaluate cannot fail on its settings after hours of
+    training."""
     y_train = ground_truth(build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS)), "TRAIN")
     ground_truth(build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS)), "TEST")
     check_low_shot(y_train, cfg.EVALUATE.LOW_SHOT)
@@ -99,12 +130,14 @@ def preflight(cfg: Config) -> None:
 
 def ground_truth(dataset: ImageDataset, partition: str) -> np.ndarray:
     if dataset.source.targets is None:
-        raise ConfigError(f"DATA.{partition}: the evaluate step needs ground-truth labels, and this dataset has none "
-                          "(drop evaluate from PIPELINE.STEPS)")  # fmt: skip
+        raise ConfigError(
+            f"DATA.{partition}: the evaluate step needs ground-truth labels, and this dataset has none "
+            "(drop evaluate from PIPELINE.STEPS)"
+        )
     return np.asarray(dataset.source.targets, dtype=np.int64)
 
 
-def models(cfg: Config, store: Store, start: Any) -> dict[str, Network | None]:
+def models(cfg: Config, store: Store, start: StartWeights) -> dict[str, Network | None]:
     """name -> network (None: raw pixels). The order is the report's row order."""
     out: dict[str, Network | None] = {}
     if "pixels" in cfg.EVALUATE.BASELINES:
@@ -115,30 +148,36 @@ def models(cfg: Config, store: Store, start: Any) -> dict[str, Network | None]:
     if not start.random:
         out["start"] = starting_model(cfg, start)
     clusterfit = build_network(cfg.MODEL.TRUNK)
-    options = cfg.MODEL.WEIGHTS_INIT.model_copy(update={"PARAMS_FILE": store.uri(f"{TRAIN}/final.pt"), "STATE_DICT_KEY_NAME": "classy_state_dict",
-                                                         "REMOVE_PREFIX": "", "APPEND_PREFIX": ""})  # fmt: skip
+    ours = {"PARAMS_FILE": store.uri(f"{TRAIN}/{FINAL_CHECKPOINT}"), "STATE_DICT_KEY_NAME": "classy_state_dict"}
+    options = cfg.MODEL.WEIGHTS_INIT.model_copy(update={**ours, "REMOVE_PREFIX": "", "APPEND_PREFIX": ""})
     load_weights(clusterfit, options, cfg.STORAGE)
     out["clusterfit"] = clusterfit
     return out
 
 
-def features(cfg: Config, model: Network | None, train_set: ImageDataset, test_set: ImageDataset, device: torch.device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def features(
+    cfg: Config, model: Network | None, train_set: ImageDataset, test_set: ImageDataset, device: torch.device
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{layer: (train features, test features)}; raw pixels when model is None."""
     layers: list[str] = ["pixels"] if model is None else list(cfg.EVALUATE.LAYERS)
     if model is not None:
-        model.to(device).to(memory_format=memory_format(cfg)).eval()
+        model.to(device).to(memory_format=memory_format(cfg.MODEL.CHANNELS_LAST)).eval()
     both = [in_memory(cfg, model, dataset, layers, device) for dataset in (train_set, test_set)]
     return {layer: (both[0][layer], both[1][layer]) for layer in layers}
 
 
-def in_memory(cfg: Config, model: Network | None, dataset: ImageDataset, layers: list[str], device: torch.device) -> dict[str, np.ndarray]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.DATA.TEST.BATCHSIZE_PER_REPLICA, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS)
+def in_memory(
+    cfg: Config, model: Network | None, dataset: ImageDataset, layers: list[str], device: torch.device
+) -> dict[str, np.ndarray]:
+    batch, workers = cfg.DATA.TEST.BATCHSIZE_PER_REPLICA, cfg.DATA.NUM_DATALOADER_WORKERS
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+    fmt = memory_format(cfg.MODEL.CHANNELS_LAST)
     parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for images, _, _ in loader:
         if model is None:
             parts["pixels"].append(pixel_features(images, cfg.EVALUATE.PIXELS_SIZE))
             continue
-        for layer, array in forward_features(model, images.to(device), layers, cfg.EXTRACT.POOL_SIZE, memory_format(cfg)).items():
+        for layer, array in forward_features(model, images.to(device), layers, cfg.EXTRACT.POOL_SIZE, fmt).items():
             parts[layer].append(array)
     return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
 
@@ -152,121 +191,16 @@ def pixel_features(images: torch.Tensor, size: int) -> np.ndarray:
     return images.flatten(1).float().numpy()
 
 
-def check_low_shot(y_train: np.ndarray, shots: list[int]) -> None:
-    """A ConfigError naming the first class with fewer TRAIN images than a LOW_SHOT entry asks for."""
-    classes, counts = np.unique(y_train, return_counts=True)
-    for n in shots:
-        if (short := np.flatnonzero(counts < n)).size:
-            raise ConfigError(f"EVALUATE.LOW_SHOT: {n} labelled images per class asked for, but class {classes[short[0]]} has "
-                              f"{counts[short[0]]} in DATA.TRAIN ({short.size} classes have fewer than {n})")  # fmt: skip
-
-
-def low_shot_subsets(y_train: np.ndarray, shots: list[int], draws: int, seed: int) -> dict[int, list[np.ndarray]]:
-    """{n: `draws` sorted index sets holding n TRAIN images of every class}; fails before any work if a class is short."""
-    check_low_shot(y_train, shots)
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(y_train == c) for c in np.unique(y_train)]
-    return {n: [np.sort(np.concatenate([rng.choice(m, n, replace=False) for m in members])) for _ in range(draws)] for n in shots}
-
-
-def probe(cfg: Config, model: str, layer: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-          subsets: dict[int, list[np.ndarray]], device: torch.device) -> dict[str, Any]:  # fmt: skip
-    e = cfg.EVALUATE
-    (x_train, y_train), (x_test, y_test) = train, test
-    knn = knn_top1(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device)
-    low_shot = {}
-    for n, sets in subsets.items():
-        per_draw = [knn_top1(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device) for s in sets]
-        low_shot[str(n)] = {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}
-    torch.manual_seed(cfg.EXPERIMENT.SEED)
-    linear = linear_probe_top1(x_train, y_train, x_test, y_test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY, device)
-    return {"model": model, "layer": layer, "dim": int(x_train.shape[1]), "knn_top1": knn, "low_shot": low_shot, "linear_top1": linear}
-
-
-def knn_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, k: int, temperature: float,
-             device: torch.device = CPU) -> float:  # fmt: skip
-    """Top-1 (%) of a cosine kNN with exp(sim / T)-weighted votes (Wu et al. 2018, as in DINO); queries in blocks of 1024."""
-    bank = F.normalize(torch.from_numpy(x_train).float().to(device), dim=1)
-    queries = F.normalize(torch.from_numpy(x_test).float().to(device), dim=1)
-    labels = torch.from_numpy(y_train).to(device)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    k = min(k, len(bank))
-    correct = 0
-    for start in range(0, len(queries), 1024):
-        sims, idx = (queries[start : start + 1024] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1).cpu().numpy() == y_test[start : start + 1024]).sum())
-    return 100.0 * correct / len(y_test)
-
-
-def linear_probe_top1(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, epochs: int, lr: float, wd: float,
-                      device: torch.device = CPU) -> float:  # fmt: skip
-    """Top-1 (%) of a linear classifier (SGD, cosine LR) on standardised frozen features."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    xtr = torch.from_numpy((x_train - mean) / std).float().to(device)
-    xte = torch.from_numpy((x_test - mean) / std).float().to(device)
-    ytr = torch.from_numpy(y_train).to(device)
-    head = nn.Linear(xtr.shape[1], int(max(y_train.max(), y_test.max())) + 1).to(device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    steps_per_epoch = math.ceil(len(xtr) / 256)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(xtr))
-        for start in range(0, len(xtr), 256):
-            batch = order[start : start + 256].to(device)
-            loss = F.cross_entropy(head(xtr[batch]), ytr[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        return 100.0 * float((head(xte).argmax(1).cpu().numpy() == y_test).mean())
-
-
-def cluster_agreement(store: Store, cfg: Config, manifest: dict[str, Any], y_train: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:
+def cluster_agreement(
+    store: Store, cfg: Config, manifest: dict[str, Any], y_train: np.ndarray, y_test: np.ndarray
+) -> dict[str, Any]:
     """NMI and ARI of the cluster labels against ground truth, per split (images without a label excluded)."""
     folder = cluster_folder(cfg)
+    main_split = cfg.CLUSTERFIT.FEATURES.DATA_PARTITION
     out: dict[str, Any] = {}
-    for split, name, truth in (("TRAIN", "labels.npy", y_train), ("TEST", "test/labels.npy", y_test)):
+    for split, truth in (("TRAIN", y_train), ("TEST", y_test)):
+        name = split_file(split, LABELS, main_split)
         if name not in manifest["files"]:
             continue
-        labels = artifacts.load_array(store, folder, name, manifest)
-        keep = labels >= 0
-        out[split] = {"nmi": float(normalized_mutual_info_score(truth[keep], labels[keep])),
-                      "ari": float(adjusted_rand_score(truth[keep], labels[keep]))}  # fmt: skip
-    return out
-
-
-def metric_values(row: dict[str, Any]) -> dict[str, tuple[int | None, float, list[float]]]:
-    """metric name -> (labelled images per class or None for all, top-1 %, per-draw values; [] when there is one value)."""
-    out: dict[str, tuple[int | None, float, list[float]]] = {"knn_top1": (None, row["knn_top1"], [])}
-    out |= {f"knn_{n}shot_top1": (int(n), v["top1"], v["per_draw"]) for n, v in row.get("low_shot", {}).items()}
-    return out | {"linear_top1": (None, row["linear_top1"], [])}
-
-
-def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
-    """ClusterFit vs. the starting model per layer and metric, with a 2-standard-error noise band.
-
-    The error of a difference: the binomial error of both top-1s on n_test images, and for low-shot
-    metrics also the standard error of the mean of the paired per-draw differences (same subsets).
-    """
-    by_key = {(r["model"], r["layer"]): r for r in rows}
-    reference = "start" if any(r["model"] == "start" for r in rows) else "random"
-    out = []
-    for (model, layer), row in by_key.items():
-        base = by_key.get((reference, layer))
-        if model != "clusterfit" or base is None:
-            continue
-        ours, theirs = metric_values(row), metric_values(base)
-        for metric, (shots, value, draws) in ours.items():
-            _, ref_value, ref_draws = theirs[metric]
-            p1, p2 = ref_value / 100.0, value / 100.0
-            variance = (p1 * (1 - p1) + p2 * (1 - p2)) / max(n_test, 1) * 1e4
-            if len(draws) > 1:
-                variance += float(np.var(np.subtract(draws, ref_draws), ddof=1)) / len(draws)
-            noise = 2.0 * math.sqrt(variance)
-            delta = value - ref_value
-            verdict = "better" if delta > noise else "worse" if delta < -noise else "within noise"
-            out.append({"layer": layer, "metric": metric, "shots": shots, "reference": reference, "reference_value": ref_value,
-                        "clusterfit": value, "delta": delta, "noise_2se": noise, "verdict": verdict})  # fmt: skip
+        out[split] = agreement(truth, artifacts.load_array(store, folder, name, manifest))
     return out

@@ -1,8 +1,9 @@
-"""Step 1a: features of every image, chunk by chunk, from the starting model.
+r"""Step 1a: features of every image, chunk by chunk, from the starting model.
 
     clusterfit extract config=quickstart
     clusterfit extract config=quickstart config.DISTRIBUTED.NUM_PROC_PER_NODE=2   # two local ranks
-    torchrun --nproc-per-node 8 -m clusterfit extract config=pretrain/clusterfit/cluster_features_resnet_8gpu_rotation_in1k
+    torchrun --nproc-per-node 8 -m clusterfit extract \
+        config=pretrain/clusterfit/cluster_features_resnet_8gpu_rotation_in1k
 
 Writes `features/<split>/<layer>/part-<rank>-<chunk>.npy` (float32, n x D) with `...-index.npy`
 (int64 dataset indices). The dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive
@@ -25,13 +26,21 @@ import numpy as np
 import torch
 
 from clusterfit import artifacts, distributed
+from clusterfit.artifacts.layout import (
+    chunk_marker,
+    extract_partitions,
+    features_folder,
+    index_name,
+    parse_part,
+    part_name,
+)
+from clusterfit.artifacts.lineage import StartWeights, start_weights
 from clusterfit.config import Config
 from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
-from clusterfit.layout import StartWeights, features_folder, start_weights
-from clusterfit.models import Network, build_network, pool_features
+from clusterfit.models import Network, forward_features, memory_format
 from clusterfit.runtime import progress
 from clusterfit.storage import NotFound, Store, array_to_bytes, open_store
-from clusterfit.weights import load_weights
+from clusterfit.weights import starting_model
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +48,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExtractResult:
     folders: list[str]
-    skipped_steps: list[str]
+    skipped_partitions: list[str]  # already published with this config
     chunks_computed: int
+
+    @property
+    def skipped(self) -> bool:
+        """Whether every split was already published: the step did no work."""
+        return len(self.skipped_partitions) == len(self.folders)
 
 
 def run(cfg: Config) -> ExtractResult:
@@ -50,19 +64,22 @@ def run(cfg: Config) -> ExtractResult:
     start = start_weights(cfg, store)
     layers = feature_layers(cfg)
     result = ExtractResult([], [], 0)
+    fmt = memory_format(cfg.MODEL.CHANNELS_LAST)
     model: Network | None = None
     for partition in extract_partitions(cfg):
         folder = features_folder(partition)
         fp = fingerprint(cfg, partition, start, layers)
         result.folders.append(folder)
-        if artifacts.is_published(store, folder, fp):
-            log.info("extract %s: already published at %s with the same config and inputs; skipping", partition, store.uri(folder))
-            result.skipped_steps.append(partition)
+        if artifacts.skip_if_published(store, folder, fp, f"extract {partition}"):
+            result.skipped_partitions.append(partition)
             continue
+        # The starting model, built once for every split that needs it.
         if model is None:
-            model = starting_model(cfg, start).to(dist.device).to(memory_format=memory_format(cfg)).eval()
+            model = starting_model(cfg, start).to(dist.device).to(memory_format=fmt).eval()
+        # This rank's unfinished chunks, each written with its marker as soon as it is complete.
         dataset = build_dataset(cfg, partition, eval_transform(cfg.DATA.TRANSFORMS))
         result.chunks_computed += extract_chunks(cfg, store, folder, fp, model, dataset, layers, dist)
+        # Publication: rank 0, once every rank's chunks are done.
         distributed.barrier()
         if dist.is_main:
             publish(cfg, store, folder, partition, fp, start, layers, len(dataset))
@@ -71,17 +88,8 @@ def run(cfg: Config) -> ExtractResult:
     return result
 
 
-def memory_format(cfg: Config) -> torch.memory_format:
-    return torch.channels_last if cfg.MODEL.CHANNELS_LAST else torch.contiguous_format
-
-
 def feature_layers(cfg: Config) -> list[str]:
     return [cfg.CLUSTERFIT.FEATURES.LAYER_NAME]
-
-
-def extract_partitions(cfg: Config) -> list[str]:
-    wanted = dict.fromkeys([cfg.CLUSTERFIT.FEATURES.DATA_PARTITION, *cfg.EXTRACT.PARTITIONS])
-    return [p for p in wanted if cfg.split(p).enabled]
 
 
 def model_identity(cfg: Config, start: StartWeights, layers: list[str]) -> dict[str, Any]:
@@ -91,36 +99,19 @@ def model_identity(cfg: Config, start: StartWeights, layers: list[str]) -> dict[
         "weights": start.identity(),
         "layers": layers,
         "pool_size": cfg.EXTRACT.POOL_SIZE,
-        "transforms": {k: v for k, v in cfg.DATA.TRANSFORMS.model_dump().items() if k.startswith(("EVAL", "MEAN", "STD"))},
+        "transforms": {
+            k: v for k, v in cfg.DATA.TRANSFORMS.model_dump().items() if k.startswith(("EVAL", "MEAN", "STD"))
+        },
     }
 
 
 def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[str]) -> str:
-    tree = {"model": model_identity(cfg, start, layers), "data": dataset_identity(cfg, partition), "chunk": cfg.EXTRACT.CHUNK_SIZE}
+    tree = {
+        "model": model_identity(cfg, start, layers),
+        "data": dataset_identity(cfg, partition),
+        "chunk": cfg.EXTRACT.CHUNK_SIZE,
+    }
     return artifacts.fingerprint("extract", tree, {"weights": start.digest or start.uri})
-
-
-def starting_model(cfg: Config, start: StartWeights) -> Network:
-    torch.manual_seed(cfg.EXPERIMENT.SEED)
-    model = build_network(cfg.MODEL.TRUNK)
-    if start.random:
-        log.warning(
-            "no MODEL.WEIGHTS_INIT.PARAMS_FILE and no pretrain step: extracting features of a RANDOMLY INITIALISED %s",
-            cfg.MODEL.TRUNK.NAME,
-        )
-        return model
-    assert start.options is not None
-    load_weights(model, start.options.model_copy(update={"PARAMS_FILE": start.uri}), cfg.STORAGE, require_trunk=True)
-    return model
-
-
-@torch.inference_mode()
-def forward_features(
-    model: Network, images: torch.Tensor, layers: list[str], pool_size: int, fmt: torch.memory_format = torch.contiguous_format
-) -> dict[str, np.ndarray]:
-    """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size."""
-    taps = model.trunk.taps(images.contiguous(memory_format=fmt), layers)
-    return {name: pool_features(taps[name], pool_size).float().cpu().numpy() for name in layers}
 
 
 def chunk_batches(chunks: list[int], chunk_size: int, total: int, batch_size: int) -> list[list[int]]:
@@ -133,22 +124,40 @@ def chunk_batches(chunks: list[int], chunk_size: int, total: int, batch_size: in
 
 
 def extract_chunks(
-    cfg: Config, store: Store, folder: str, fp: str, model: Network, dataset: ImageDataset, layers: list[str], dist: distributed.Dist
+    cfg: Config,
+    store: Store,
+    folder: str,
+    fp: str,
+    model: Network,
+    dataset: ImageDataset,
+    layers: list[str],
+    dist: distributed.Dist,
 ) -> int:
-    """Extract this rank's unfinished chunks (no marker, or a marker of another config); returns how many were computed."""
+    """Extract this rank's unfinished chunks (no marker, or a marker of another config); returns how many were
+    computed."""
     size, total = cfg.EXTRACT.CHUNK_SIZE, len(dataset)
     num_chunks = math.ceil(total / size)
     mine = [c for c in range(num_chunks) if c % dist.world_size == dist.rank]
     todo = [c for c in mine if not chunk_done(store, folder, c, fp)]
     if len(todo) < len(mine):
-        log.info("extract: %d of this rank's %d chunks already done; resuming at chunk %d", len(mine) - len(todo), len(mine), todo[0] if todo else -1)
+        log.info(
+            "extract: %d of this rank's %d chunks already done; resuming at chunk %d",
+            len(mine) - len(todo),
+            len(mine),
+            todo[0] if todo else -1,
+        )
     batches = chunk_batches(todo, size, total, cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.DATA.NUM_DATALOADER_WORKERS, pin_memory=dist.device.type == "cuda"
+        dataset,
+        batch_sampler=batches,
+        num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
+        pin_memory=dist.device.type == "cuda",
     )
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]] = {}
-    for images, index, ok in progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch"):
-        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE, memory_format(cfg))
+    fmt = memory_format(cfg.MODEL.CHANNELS_LAST)
+    batches_seen = progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch")
+    for images, index, ok in batches_seen:
+        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE, fmt)
         chunk = int(index[0]) // size
         pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
         expected = min((chunk + 1) * size, total) - chunk * size
@@ -157,54 +166,69 @@ def extract_chunks(
     return len(todo)
 
 
-def marker_key(folder: str, chunk: int) -> str:
-    return f"{folder}/_chunks/chunk-{chunk:06d}.json"
-
-
 def chunk_done(store: Store, folder: str, chunk: int, fp: str) -> bool:
     """Whether the chunk's marker exists and was written for this fingerprint (not by a run of another config)."""
     try:
-        marker = json.loads(store.get_bytes(marker_key(folder, chunk)))
+        marker = json.loads(store.get_bytes(chunk_marker(folder, chunk)))
     except NotFound:
         return False
     return bool(marker.get("fingerprint") == fp)
 
 
-def write_chunk(store: Store, folder: str, fp: str, chunk: int, rank: int, layers: list[str], batches: list[Any]) -> None:
+def write_chunk(
+    store: Store, folder: str, fp: str, chunk: int, rank: int, layers: list[str], batches: list[Any]
+) -> None:
     """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done)."""
     index = np.concatenate([b[0] for b in batches]).astype(np.int64)
     ok = np.concatenate([b[1] for b in batches]).astype(bool)
     files: dict[str, dict[str, Any]] = {}
-    stem = f"part-{rank:05d}-{chunk:06d}"
     for layer in layers:
+        part = part_name(layer, rank, chunk)
         feats = np.concatenate([b[2][layer] for b in batches])[ok].astype(np.float32, copy=False)
         if not np.isfinite(feats).all():
-            raise FloatingPointError(f"{store.uri(f'{folder}/{layer}/{stem}.npy')}: the model produced NaN/inf features")
-        for name, array in ((f"{layer}/{stem}.npy", feats), (f"{layer}/{stem}-index.npy", index[ok])):
+            raise FloatingPointError(f"{store.uri(f'{folder}/{part}')}: the model produced NaN/inf features")
+        for name, array in ((part, feats), (index_name(part), index[ok])):
             data = array_to_bytes(array)
             store.put_bytes(f"{folder}/{name}", data)
-            files[name] = {"size": len(data), "sha256": artifacts.sha256_bytes(data), "shape": list(array.shape), "dtype": array.dtype.str}
-    marker = {"chunk": chunk, "rank": rank, "fingerprint": fp, "files": files, "count": int(ok.sum()), "skipped": index[~ok].tolist()}
-    store.put_bytes(marker_key(folder, chunk), json.dumps(marker).encode())
+            sha256 = artifacts.sha256_bytes(data)
+            files[name] = {"size": len(data), "sha256": sha256, "shape": list(array.shape), "dtype": array.dtype.str}
+    marker = {
+        "chunk": chunk,
+        "rank": rank,
+        "fingerprint": fp,
+        "files": files,
+        "count": int(ok.sum()),
+        "skipped": index[~ok].tolist(),
+    }
+    store.put_bytes(chunk_marker(folder, chunk), json.dumps(marker).encode())
 
 
-def publish(cfg: Config, store: Store, folder: str, partition: str, fp: str, start: StartWeights, layers: list[str], total: int) -> None:
+def publish(
+    cfg: Config, store: Store, folder: str, partition: str, fp: str, start: StartWeights, layers: list[str], total: int
+) -> None:
     started = time.time()
     num_chunks = math.ceil(total / cfg.EXTRACT.CHUNK_SIZE)
     ledger = artifacts.Ledger(store, folder)
     skipped: list[int] = []
     dims: dict[str, int] = {}
     for chunk in range(num_chunks):
-        marker = json.loads(store.get_bytes(marker_key(folder, chunk)))
+        marker = json.loads(store.get_bytes(chunk_marker(folder, chunk)))
         if marker.get("fingerprint") != fp:
-            raise artifacts.ArtifactError(f"{store.uri(marker_key(folder, chunk))}: written for another config or input; rerun extract")
+            raise artifacts.ArtifactError(
+                f"{store.uri(chunk_marker(folder, chunk))}: written for another config or input; rerun extract"
+            )
         ledger.files.update(marker["files"])
         skipped += marker["skipped"]
         for name, entry in marker["files"].items():
-            if not name.endswith("-index.npy") and len(entry["shape"]) == 2:
-                dims[name.split("/")[0]] = entry["shape"][1]
+            if parsed := parse_part(name):
+                dims[parsed[0]] = entry["shape"][1]
     if skipped:
-        log.warning("extract %s: %d unreadable images skipped (DATA.ON_BAD_IMAGE=skip): %s", partition, len(skipped), skipped[:20])
+        log.warning(
+            "extract %s: %d unreadable images skipped (DATA.ON_BAD_IMAGE=skip): %s",
+            partition,
+            len(skipped),
+            skipped[:20],
+        )
     artifacts.publish(
         ledger,
         step="extract",
@@ -222,10 +246,6 @@ def publish(cfg: Config, store: Store, folder: str, partition: str, fp: str, sta
             "model": model_identity(cfg, start, layers),
         },
     )
-    log.info("extract %s: published %d images x %s in %d chunks at %s", partition, total, dims, num_chunks, store.uri(folder))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from clusterfit.cli import main as cli_main
-
-    return cli_main(["extract", *(argv or [])])
+    log.info(
+        "extract %s: published %d images x %s in %d chunks at %s", partition, total, dims, num_chunks, store.uri(folder)
+    )

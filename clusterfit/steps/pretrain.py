@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from clusterfit import artifacts, distributed
+from clusterfit.artifacts.layout import PRETRAIN
 from clusterfit.config import Config
 from clusterfit.data import build_dataset, dataset_identity, train_transform
-from clusterfit.fit import FitJob, FitResult, LabelledDataset, fit, published
-from clusterfit.layout import PRETRAIN
 from clusterfit.models import build_network
 from clusterfit.storage import open_store
+from clusterfit.training import FitJob, FitResult, LabelledDataset, fit
 
 NUM_ROTATIONS = 4
 
@@ -46,17 +46,19 @@ def run(cfg: Config) -> FitResult:
     dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     fp = fingerprint(cfg)
-    if done := published(store, "pretrain", PRETRAIN, fp):
-        return done
+    if artifacts.skip_if_published(store, PRETRAIN, fp, "pretrain"):
+        return FitResult(PRETRAIN, skipped=True)
+    # The images (each shown at four rotations per step) and a network with a 4-way head.
     images = build_dataset(cfg, "TRAIN", train_transform(cfg.DATA.TRANSFORMS))
     torch.manual_seed(cfg.EXPERIMENT.SEED)
     model = build_network(cfg.MODEL.TRUNK, [NUM_ROTATIONS])
+    # Training: resumed from the latest checkpoint, published as pretrain/final.pt.
     job = FitJob(
         step="pretrain",
         folder=PRETRAIN,
         model=model,
         dataset=LabelledDataset(images, [0] * len(images)),
-        step_fn=rotate_batch,
+        batch_fn=rotate_batch,
         optimizer_cfg=cfg.PRETRAIN.OPTIMIZER,
         batch_size=cfg.PRETRAIN.BATCHSIZE_PER_REPLICA,
         fingerprint=fp,

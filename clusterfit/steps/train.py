@@ -1,7 +1,8 @@
-"""Step 2: a network from scratch on the cluster labels (VISSL's ClusterFit recipe).
+r"""Step 2: a network from scratch on the cluster labels (VISSL's ClusterFit recipe).
 
     clusterfit train config=quickstart
-    clusterfit train config=pretrain/clusterfit/clusterfit_resnet_8gpu_imagenet config.DATA.TRAIN.LABEL_PATHS=[labels.npy]
+    clusterfit train config=pretrain/clusterfit/clusterfit_resnet_8gpu_imagenet \
+        config.DATA.TRAIN.LABEL_PATHS=[labels.npy]
     torchrun --nproc-per-node 8 -m clusterfit train config=...
 
 Head size NUM_CLUSTERS; SGD with momentum, no weight decay on BatchNorm, LR scaled by global
@@ -16,13 +17,13 @@ import numpy as np
 import torch
 
 from clusterfit import artifacts, distributed
+from clusterfit.artifacts.layout import TRAIN
 from clusterfit.config import Config
 from clusterfit.data import build_dataset, dataset_identity, train_transform
-from clusterfit.fit import FitJob, FitResult, LabelledDataset, fit, published
 from clusterfit.labels import load_labels
-from clusterfit.layout import TRAIN
 from clusterfit.models import build_network
 from clusterfit.storage import open_store
+from clusterfit.training import FitJob, FitResult, LabelledDataset, fit
 
 
 def passthrough(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,18 +51,20 @@ def run(cfg: Config) -> FitResult:
     # Labels first: a bad label file fails here, before any model is built.
     labels, source, digest = load_labels(cfg, store, len(images))
     fp = fingerprint(cfg, digest)
-    if done := published(store, "train", TRAIN, fp):
-        return done
+    if artifacts.skip_if_published(store, TRAIN, fp, "train"):
+        return FitResult(TRAIN, skipped=True)
+    # Images with a pseudo-label (-1: skipped at extraction) and a fresh network with a K-way head.
     keep = np.flatnonzero(labels >= 0)
     dataset = torch.utils.data.Subset(LabelledDataset(images, labels), keep.tolist())
     torch.manual_seed(cfg.EXPERIMENT.SEED)
     model = build_network(cfg.MODEL.TRUNK, [cfg.CLUSTERFIT.NUM_CLUSTERS])
+    # Training: resumed from the latest checkpoint, published as train/final.pt.
     job = FitJob(
         step="train",
         folder=TRAIN,
         model=model,
         dataset=dataset,
-        step_fn=passthrough,
+        batch_fn=passthrough,
         optimizer_cfg=cfg.OPTIMIZER,
         batch_size=cfg.DATA.TRAIN.BATCHSIZE_PER_REPLICA,
         fingerprint=fp,

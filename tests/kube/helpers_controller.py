@@ -21,12 +21,11 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from clusterfit.artifacts import MANIFEST
-from clusterfit.config import Config, load_config
+from clusterfit.artifacts.layout import MANIFEST, step_folders
+from clusterfit.config import Config, config_from_args
 from clusterfit.kube import commands
 from clusterfit.kube.client import GROUP, JOB_LABEL, PLURAL, VERSION
 from clusterfit.kube.manifests import job_name
-from clusterfit.layout import step_folders
 from clusterfit.storage import open_store
 from tests.infra.controlplane import REPO_ROOT, ControlPlane
 
@@ -84,7 +83,9 @@ def grant_controller_role(cp: ControlPlane, namespace: str) -> None:
     """Bind the committed controller Role to the controller's token user in `namespace`, and wait
     until the authorizer (fed by an informer) lets that user list jobs."""
     rbac = client.RbacAuthorizationV1Api(cp.api_client())
-    rbac.create_namespaced_role(namespace, {"metadata": {"name": "clusterfit-controller"}, "rules": committed_role_rules()})
+    rbac.create_namespaced_role(
+        namespace, {"metadata": {"name": "clusterfit-controller"}, "rules": committed_role_rules()}
+    )
     role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "clusterfit-controller"}
     subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": CONTROLLER_USER}
     binding = {"metadata": {"name": "clusterfit-controller"}, "roleRef": role_ref, "subjects": [subject]}
@@ -96,7 +97,9 @@ def grant_controller_role(cp: ControlPlane, namespace: str) -> None:
         time.sleep(0.1)
 
 
-def write_config(folder: Path, namespace: str, root: str, endpoint: str, steps: list[str] | None = None, name: str = "fit") -> Path:
+def write_config(
+    folder: Path, namespace: str, root: str, endpoint: str, steps: list[str] | None = None, name: str = "fit"
+) -> Path:
     """A config for the experiment `name` in `namespace`, its artifacts under `root` (s3://: jobs need it)."""
     controller = {"WATCH_TIMEOUT_S": 60, "BACKOFF_INITIAL_S": 0.2, "BACKOFF_MAX_S": 1.0, "RETRY_TIMEOUT_S": 60}
     tree = {
@@ -123,11 +126,13 @@ class Experiment:
 
     def config(self, steps: list[str] | None = None, name: str = "fit") -> tuple[Path, Config]:
         path = write_config(self.folder, self.namespace, self.root, self.endpoint, steps, name)
-        return path, load_config([f"config={path}"])
+        return path, config_from_args([f"config={path}"])
 
     def submit(self, config: Path, *extra: str, kubeconfig: Path | None = None) -> int:
         """`clusterfit submit` in this process (admin credentials unless `kubeconfig`)."""
-        return commands.cli_submit([f"config={config}", "--kubeconfig", str(kubeconfig or self.cp.kubeconfig_path), *extra])
+        return commands.cli_submit(
+            [f"config={config}", "--kubeconfig", str(kubeconfig or self.cp.kubeconfig_path), *extra]
+        )
 
     def submit_in_background(self, config: Path, *extra: str) -> tuple[threading.Thread, list[int]]:
         """`submit` in a daemon thread; the list receives its exit code."""
@@ -186,7 +191,10 @@ class FakeKubelet:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         core = client.CoreV1Api(self.cp.api_client())
         core.create_node({"metadata": {"name": self.node}})
-        status = {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}], "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}}}
+        status = {
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}},
+        }
         core.patch_node_status(self.node, {"status": status})
         return self
 
@@ -211,14 +219,23 @@ class Script:
 
 def condition(kind: str, reason: str, message: str) -> dict[str, str]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastUpdateTime": now, "lastTransitionTime": now}
+    return {
+        "type": kind,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastUpdateTime": now,
+        "lastTransitionTime": now,
+    }
 
 
 class FakeOperator:
     """Polls the namespace's PyTorchJobs (a poll survives API server restarts) and plays each new
     one (by uid) through its step's Script. Records what it saw for the tests' oracles."""
 
-    def __init__(self, ex: Experiment, cfg: Config, scripts: dict[str, Script] | None = None, kubelet: FakeKubelet | None = None) -> None:
+    def __init__(
+        self, ex: Experiment, cfg: Config, scripts: dict[str, Script] | None = None, kubelet: FakeKubelet | None = None
+    ) -> None:
         cp, namespace = ex.cp, ex.namespace
         self.namespace = namespace
         self.cfg = cfg
@@ -278,7 +295,9 @@ class FakeOperator:
 
     def _status(self, name: str, conditions: list[dict[str, str]]) -> dict[str, Any]:
         body = {"status": {"conditions": conditions}}
-        return retry(lambda: self.jobs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body))
+        return retry(
+            lambda: self.jobs.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name, body)
+        )
 
     def _play(self, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
@@ -303,7 +322,9 @@ class FakeOperator:
             return
         for folder in step_folders(self.cfg, step):
             self.store.put_bytes(f"{folder}/{MANIFEST}", json.dumps({"step": step}).encode())
-        conditions.append(condition("Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed."))
+        conditions.append(
+            condition("Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed.")
+        )
         self.succeeded_rv[name] = int(self._status(name, conditions)["metadata"]["resourceVersion"])
 
     def _pod(self, job: str, replica: str, status: dict[str, Any], log: str = "") -> str:
@@ -322,11 +343,18 @@ class FakeOperator:
         unable to pull its image, and the kubelet's and scheduler's Warning events."""
         master = f"{job}-master-0"
         oom = container_status("clusterfit:test", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, restarts=1)
-        retry(lambda: self.core.patch_namespaced_pod_status(master, self.namespace, {"status": {"phase": "Failed", "containerStatuses": [oom]}}))
+        retry(
+            lambda: self.core.patch_namespaced_pod_status(
+                master, self.namespace, {"status": {"phase": "Failed", "containerStatuses": [oom]}}
+            )
+        )
         no_gpu = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
         unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": no_gpu}
         self._pod(job, "worker-0", {"phase": "Pending", "conditions": [unschedulable]})
-        backoff = container_status("clusterfit:typo", {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "clusterfit:typo"'}})
+        backoff = container_status(
+            "clusterfit:typo",
+            {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "clusterfit:typo"'}},
+        )
         self._pod(job, "worker-1", {"phase": "Pending", "containerStatuses": [backoff]})
         for pod, reason, message in [
             (master, "OOMKilling", "Memory cgroup out of memory: Killed process 4242 (python)"),
@@ -334,7 +362,13 @@ class FakeOperator:
             (f"{job}-worker-1", "Failed", 'Failed to pull image "clusterfit:typo": not found'),
         ]:
             involved = {"kind": "Pod", "name": pod, "namespace": self.namespace}
-            event = {"metadata": {"name": f"{pod}.{uuid.uuid4().hex[:6]}"}, "type": "Warning", "reason": reason, "message": message, "involvedObject": involved}
+            event = {
+                "metadata": {"name": f"{pod}.{uuid.uuid4().hex[:6]}"},
+                "type": "Warning",
+                "reason": reason,
+                "message": message,
+                "involvedObject": involved,
+            }
             retry(lambda event=event: self.core.create_namespaced_event(self.namespace, event))
 
 

@@ -108,7 +108,9 @@ def helm_template(
     )
 
 
-def chart_objects(helm_bin: Path, *args: str, release: str = "digits", namespace: str = "clusterfit") -> list[dict[str, Any]]:
+def chart_objects(
+    helm_bin: Path, *args: str, release: str = "digits", namespace: str = "clusterfit"
+) -> list[dict[str, Any]]:
     """The objects `helm template` renders (failing the test with helm's message if it fails)."""
     result = helm_template(helm_bin, *args, release=release, namespace=namespace)
     assert result.returncode == 0, result.stderr

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from clusterfit.config import load_config
+from clusterfit.artifacts.layout import step_folders
+from clusterfit.config import config_from_args
 from clusterfit.kube.chart_schema import SCHEMA_PATH, render_schema
 from clusterfit.kube.manifests import build_all
-from clusterfit.layout import step_folders
 from tests.infra.controlplane import REPO_ROOT, ControlPlane
 from tests.kube.helpers_manifests import (
     CHART,
@@ -52,7 +52,9 @@ def experiment_file(objects: list[dict[str, Any]], path: Path) -> Path:
 
 def test_values_schema_is_generated_from_the_config_models() -> None:
     committed = (REPO_ROOT / SCHEMA_PATH).read_text()
-    assert committed == render_schema(), f"{SCHEMA_PATH} is stale: python -m clusterfit.kube.chart_schema > {SCHEMA_PATH}"
+    assert committed == render_schema(), (
+        f"{SCHEMA_PATH} is stale: python -m clusterfit.kube.chart_schema > {SCHEMA_PATH}"
+    )
 
 
 def test_values_schema_closes_every_object() -> None:
@@ -80,18 +82,26 @@ def test_helm_lint_strict(helm_bin: Path, values: str) -> None:
 def test_template_renders_a_valid_release_and_valid_step_jobs(helm_bin: Path, values: str, tmp_path: Path) -> None:
     objects = chart_objects(helm_bin, "-f", str(VALUES[values]), release="digits", namespace="exp-ns")
     kinds = by_kind(objects)
-    cfg = load_config([f"config={experiment_file(objects, tmp_path / 'experiment.yaml')}"])
+    cfg = config_from_args([f"config={experiment_file(objects, tmp_path / 'experiment.yaml')}"])
     assert cfg.EXPERIMENT.NAME == "digits" and cfg.KUBERNETES.NAMESPACE == "exp-ns"
     assert cfg.KUBERNETES.S3_SECRET_NAME == "clusterfit-s3"
     job = kinds["Job"]
     (controller,) = job["spec"]["template"]["spec"]["containers"]
     assert controller["command"] + controller["args"] == [
-        "clusterfit", "submit", "--in-cluster", "config=/etc/clusterfit/config.yaml", "--owner-configmap", "digits-config",
-    ]  # fmt: skip
+        "clusterfit",
+        "submit",
+        "--in-cluster",
+        "config=/etc/clusterfit/config.yaml",
+        "--owner-configmap",
+        "digits-config",
+    ]
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 604800
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
     env = {e["name"]: e for e in controller["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "clusterfit-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "clusterfit-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert rules_of(objects) == rules_of(load_docs((REPO_ROOT / "k8s" / "controller-rbac.yaml").read_text()))
     assert kinds["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"
     for obj in objects:
@@ -128,7 +138,7 @@ BAD_VALUES = {
     "root not s3": (["--set", "s3.secretName=x"], 'experiment.EXPERIMENT.ROOT must be an s3:// URI (got "")'),
     "experiment name too long": (
         REQUIRED + ["--set", "experiment.EXPERIMENT.NAME=" + "a" * 42],
-        "is too long: step job \"" + "a" * 42 + "-pretrain\" has 51 characters, at most 50",
+        'is too long: step job "' + "a" * 42 + '-pretrain" has 51 characters, at most 50',
     ),
 }
 
@@ -162,8 +172,17 @@ def test_no_credential_value_in_chart_output(helm_bin: Path, tmp_path: Path) -> 
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY}
     outputs = []
     for values in VALUES.values():
-        result = helm(helm_bin, "template", "digits", str(CHART), "-f", str(values),
-                      "--api-versions", "kubeflow.org/v1/PyTorchJob", env=env)  # fmt: skip
+        result = helm(
+            helm_bin,
+            "template",
+            "digits",
+            str(CHART),
+            "-f",
+            str(values),
+            "--api-versions",
+            "kubeflow.org/v1/PyTorchJob",
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         outputs += [result.stdout, result.stderr]
     assert not [o for o in outputs if FAKE_SECRET in o or FAKE_ACCESS_KEY in o]
@@ -179,7 +198,7 @@ def test_the_test_pods_check_passes_only_when_every_step_published(helm_bin: Pat
     tree["EXPERIMENT"]["ROOT"] = (tmp_path / "runs").as_uri()
     local = tmp_path / "experiment.yaml"
     local.write_text(yaml.safe_dump(tree))
-    cfg = load_config([f"config={local}"])
+    cfg = config_from_args([f"config={local}"])
     folders = [f for step in cfg.PIPELINE.STEPS for f in step_folders(cfg, step)]
     assert len(folders) == 6  # pretrain, features/train, features/test, clusters/..., train, eval
 
@@ -199,12 +218,31 @@ def test_the_test_pods_check_passes_only_when_every_step_published(helm_bin: Pat
             (tmp_path / "runs" / folder / "_SUCCESS.json").write_text("{}")
 
 
-def test_the_api_server_accepts_the_release(control_plane: ControlPlane, namespace: str, helm_bin: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig_path), "HELM_CACHE_HOME": str(tmp_path / "cache"),
-           "HELM_CONFIG_HOME": str(tmp_path / "config"), "HELM_DATA_HOME": str(tmp_path / "data"),
-           "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY}  # fmt: skip
+def test_the_api_server_accepts_the_release(
+    control_plane: ControlPlane, namespace: str, helm_bin: Path, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(control_plane.kubeconfig_path),
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+    }
     # Against a real server: the CRD check sees the installed CRD (lookup), no --api-versions needed.
-    install = helm(helm_bin, "install", "digits", str(CHART), "-n", namespace, "-f", str(VALUES["gpu"]), "--dry-run=server", env=env)
+    install = helm(
+        helm_bin,
+        "install",
+        "digits",
+        str(CHART),
+        "-n",
+        namespace,
+        "-f",
+        str(VALUES["gpu"]),
+        "--dry-run=server",
+        env=env,
+    )
     assert install.returncode == 0, install.stderr
     assert FAKE_SECRET not in install.stdout + install.stderr and FAKE_ACCESS_KEY not in install.stdout + install.stderr
     notes = install.stdout.split("NOTES:", 1)[1]
@@ -212,7 +250,11 @@ def test_the_api_server_accepts_the_release(control_plane: ControlPlane, namespa
     objects = load_docs(install.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
     tests = load_docs(install.stdout.split("HOOKS:", 1)[1].split("MANIFEST:", 1)[0])
     cfg_file = experiment_file(objects + tests, tmp_path / "experiment.yaml")
-    jobs = [o for o in build_all(load_config([f"config={cfg_file}"]), config_map_name="digits-config") if o["kind"] == "PyTorchJob"]
+    jobs = [
+        o
+        for o in build_all(config_from_args([f"config={cfg_file}"]), config_map_name="digits-config")
+        if o["kind"] == "PyTorchJob"
+    ]
     for obj in objects + tests + jobs:
         status, body = server_dry_run(control_plane, obj, namespace)
         assert status == 201, f"{obj['kind']} {obj['metadata']['name']}: {status} {body}"

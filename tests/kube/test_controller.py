@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from clusterfit.config import load_config
+from clusterfit.config import config_from_args
 from clusterfit.kube import commands
 from clusterfit.kube.client import GROUP, PLURAL, VERSION, Kube
 from clusterfit.kube.controller import Controller, ControllerError, plan, verdict
@@ -132,30 +132,38 @@ def test_happy_path_creates_five_steps_in_order(ex: Experiment, caplog: pytest.L
     names = [job_name(cfg, step) for step in ALL_STEPS]
     assert operator.names() == names  # each created once, in pipeline order
     for previous, job in zip(names, operator.created[1:], strict=False):
-        assert int(job["metadata"]["resourceVersion"]) > operator.succeeded_rv[previous], f"{job['metadata']['name']} too early"
+        assert int(job["metadata"]["resourceVersion"]) > operator.succeeded_rv[previous], (
+            f"{job['metadata']['name']} too early"
+        )
     config_map = client.CoreV1Api(ex.cp.api_client()).read_namespaced_config_map("fit-config", ex.namespace)
     for step, job in zip(ALL_STEPS, operator.created, strict=True):
         assert f"clusterfit {step} {ARGS}" in container_args(job)
         assert job["metadata"]["ownerReferences"][0]["uid"] == config_map.metadata.uid
     (ex.folder / "shipped.yaml").write_text(config_map.data["config.yaml"])  # what the pods read
-    assert load_config([f"config={ex.folder / 'shipped.yaml'}"]).EXPERIMENT.root_uri == f"{ex.root}/fit"
+    assert config_from_args([f"config={ex.folder / 'shipped.yaml'}"]).EXPERIMENT.root_uri == f"{ex.root}/fit"
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     for step, name in zip(ALL_STEPS, names, strict=True):
         assert store.get_bytes(f"logs/{step}/{name}-master-0.log") == f"{step}: starting\n{step}: done\n".encode()
     assert "experiment fit: all steps done" in caplog.text
 
 
-def test_failed_cluster_step_stops_the_pipeline_and_says_why(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_cluster_step_stops_the_pipeline_and_says_why(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
     config, cfg = ex.config()
     log = "".join(f"iteration {i}\n" for i in range(100)) + "RuntimeError: CUDA out of memory\n"
     failed = ("PyTorchJobFailed", "PyTorchJob fit-cluster is failed because 1 Master replica(s) failed.")
-    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, {"cluster": Script(fail=failed, log=log)}, kubelet) as operator:
+    with (
+        FakeKubelet(ex.cp) as kubelet,
+        FakeOperator(ex, cfg, {"cluster": Script(fail=failed, log=log)}, kubelet) as operator,
+    ):
         assert ex.submit(config) == 1
 
     assert operator.names() == [job_name(cfg, s) for s in ("pretrain", "extract", "cluster")]  # nothing later
     err = capsys.readouterr().err
     for expected in [
-        "step cluster failed: PyTorchJob fit-cluster: PyTorchJobFailed: PyTorchJob fit-cluster is failed because 1 Master",
+        "step cluster failed: PyTorchJob fit-cluster: PyTorchJobFailed: PyTorchJob fit-cluster is failed because 1 "
+        "Master",
         "pod fit-cluster-master-0 container pytorch: terminated OOMKilled (exit code 137)",
         "pod fit-cluster-worker-0: not scheduled: Unschedulable: 0/4 nodes are available",
         "pod fit-cluster-worker-1 container pytorch: ImagePullBackOff",
@@ -174,7 +182,15 @@ def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Expe
     config, cfg = ex.config()
     hold = threading.Event()
     scripts = {"cluster": Script(hold=hold)}
-    command = [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "clusterfit",
+        "submit",
+        f"config={config}",
+        "--kubeconfig",
+        str(ex.cp.kubeconfig_path),
+    ]
     with FakeOperator(ex, cfg, scripts) as operator:
         first = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert scripts["cluster"].running.wait(timeout=60), "the cluster step never started"
@@ -216,7 +232,9 @@ def test_watch_cut_by_an_apiserver_restart_still_reaches_the_verdict(
     assert cut in caplog.text  # the cut was seen, and survived
 
 
-def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(ex: Experiment, caplog: pytest.LogCaptureFixture) -> None:
+def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(
+    ex: Experiment, caplog: pytest.LogCaptureFixture
+) -> None:
     class StaleFirstWatch(Kube):  # as after a long disconnect: the server answers 410 Gone
         stale = True
 
@@ -228,7 +246,12 @@ def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(ex: Expe
     caplog.set_level(logging.INFO)
     kube = StaleFirstWatch(ex.cp.api_client(), ex.namespace, cfg.KUBERNETES.CONTROLLER)
     with FakeOperator(ex, cfg, {"extract": Script(hold=(hold := threading.Event()))}):
-        thread = threading.Thread(target=Controller(cfg, kube, open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE), config_map_name="c", owner=None).run, daemon=True)
+        thread = threading.Thread(
+            target=Controller(
+                cfg, kube, open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE), config_map_name="c", owner=None
+            ).run,
+            daemon=True,
+        )
         thread.start()
         wait_for(lambda: "410 Gone" in caplog.text)  # while the job still runs
         hold.set()
@@ -237,12 +260,16 @@ def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(ex: Expe
     assert "step extract: Succeeded" in caplog.text
 
 
-def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert normalized_rules(committed_role_rules()) == EXPECTED_RULES
     grant_controller_role(ex.cp, ex.namespace)
     as_controller = ex.cp.kubeconfig_for(ex.cp.user_tokens["controller"])
     config, cfg = ex.config(steps=["extract", "cluster"])
-    owner = client.CoreV1Api(ex.cp.api_client()).create_namespaced_config_map(ex.namespace, build_config_map(cfg, "fit-release"))
+    owner = client.CoreV1Api(ex.cp.api_client()).create_namespaced_config_map(
+        ex.namespace, build_config_map(cfg, "fit-release")
+    )
 
     with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, kubelet=kubelet):  # as the chart's Job runs it:
         assert ex.submit(config, "--owner-configmap", "fit-release", kubeconfig=as_controller) == 0
@@ -258,14 +285,18 @@ def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(ex: Exp
     assert len(ex.jobs()) == 2
 
 
-def test_server_dry_run_validates_and_rejects_with_the_servers_message(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_dry_run_validates_and_rejects_with_the_servers_message(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
     config, cfg = ex.config()
     assert ex.submit(config, "--server-dry-run") == 0
     assert capsys.readouterr().out.count("valid (server dry run)") == 5
 
     bad = cfg.model_dump(mode="json")
     term = {"matchExpressions": [{"key": "gpu", "operator": "In", "values": "a100"}]}  # values must be a list
-    bad["KUBERNETES"]["AFFINITY"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    bad["KUBERNETES"]["AFFINITY"] = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+    }
     (ex.folder / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert ex.submit(ex.folder / "bad.yaml", "--server-dry-run") == 1
     err = capsys.readouterr().err
@@ -275,7 +306,9 @@ def test_server_dry_run_validates_and_rejects_with_the_servers_message(ex: Exper
     assert ex.jobs() == []  # a dry run creates nothing
 
 
-def test_refuses_a_different_job_and_reports_one_that_vanished(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_a_different_job_and_reports_one_that_vanished(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
     config, cfg = ex.config(steps=["extract"])
     admin_jobs = client.CustomObjectsApi(ex.cp.api_client())
     stranger = commands.build_all(cfg, config_map_name="fit-config")[1]
@@ -312,7 +345,9 @@ def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[st
         assert capsys.readouterr().out == "extract: starting\nextract: done\n"
         assert commands.cli_cancel([*base, "--suspend"]) == 0
         assert "suspended PyTorchJob fit-cluster (was Running)" in capsys.readouterr().out
-        got = client.CustomObjectsApi(ex.cp.api_client()).get_namespaced_custom_object(GROUP, VERSION, ex.namespace, PLURAL, "fit-cluster")
+        got = client.CustomObjectsApi(ex.cp.api_client()).get_namespaced_custom_object(
+            GROUP, VERSION, ex.namespace, PLURAL, "fit-cluster"
+        )
         assert got["spec"]["runPolicy"]["suspend"] is True
         assert commands.cli_cancel(base) == 0
         assert "deleted PyTorchJob fit-cluster" in capsys.readouterr().out
@@ -323,7 +358,15 @@ def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[st
 
 def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> None:
     config, cfg = ex.config(steps=["extract"])
-    command = [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "clusterfit",
+        "submit",
+        f"config={config}",
+        "--kubeconfig",
+        str(ex.cp.kubeconfig_path),
+    ]
     with FakeOperator(ex, cfg, {"extract": Script(hold=threading.Event())}):
         detached = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         read_until(detached, "PyTorchJob fit-extract: Running")

@@ -51,9 +51,7 @@ def condition(type_: str, reason: str, message: str) -> dict[str, str]:
     }
 
 
-def test_apiserver_reports_the_stamped_version(
-    control_plane: ControlPlane, admin_api: client.ApiClient
-) -> None:
+def test_apiserver_reports_the_stamped_version(control_plane: ControlPlane, admin_api: client.ApiClient) -> None:
     want = read_versions()["KUBERNETES_VERSION"]  # e.g. v1.36.3
     info = client.VersionApi(admin_api).get_code()
     assert info.git_version == want
@@ -61,9 +59,7 @@ def test_apiserver_reports_the_stamped_version(
 
 
 def test_pytorchjob_crd_is_established(control_plane: ControlPlane) -> None:
-    status, crd = control_plane.request(
-        "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
-    )
+    status, crd = control_plane.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
     assert status == 200
     conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conditions["Established"] == "True"
@@ -89,9 +85,7 @@ def test_pytorchjob_status_subresource_round_trip(admin_api: client.ApiClient, n
         jobs.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, "fit", {"status": {"conditions": conditions}}
         )
-        got = cast(
-            dict[str, Any], jobs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fit")
-        )
+        got = cast(dict[str, Any], jobs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fit"))
         assert [(c["type"], c["reason"]) for c in got["status"]["conditions"]] == [
             (c["type"], c["reason"]) for c in conditions
         ]
@@ -100,9 +94,7 @@ def test_pytorchjob_status_subresource_round_trip(admin_api: client.ApiClient, n
     # The status subresource is real: status sent to the main resource is dropped by the server.
     got["status"] = {"conditions": [condition("Failed", "Tampered", "must be ignored")]}
     got["metadata"]["labels"] = {"touched": "yes"}
-    updated = cast(
-        dict[str, Any], jobs.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fit", got)
-    )
+    updated = cast(dict[str, Any], jobs.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "fit", got))
     assert updated["metadata"]["labels"] == {"touched": "yes"}
     assert [c["type"] for c in updated["status"]["conditions"]] == ["Created", "Running", "Succeeded"]
 
@@ -111,15 +103,11 @@ def test_pytorchjob_schema_is_enforced(admin_api: client.ApiClient, namespace: s
     bad = pytorchjob("bad")
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
     with pytest.raises(ApiException) as err:
-        client.CustomObjectsApi(admin_api).create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, bad
-        )
+        client.CustomObjectsApi(admin_api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, bad)
     assert err.value.status == 422
 
 
-def test_controller_token_needs_rbac(
-    control_plane: ControlPlane, admin_api: client.ApiClient, namespace: str
-) -> None:
+def test_controller_token_needs_rbac(control_plane: ControlPlane, admin_api: client.ApiClient, namespace: str) -> None:
     controller_api = control_plane.api_client(control_plane.user_tokens["controller"])
     pods = client.CoreV1Api(controller_api)
     with pytest.raises(ApiException) as err:
@@ -142,9 +130,7 @@ def test_controller_token_needs_rbac(
             metadata=client.V1ObjectMeta(name="read-pods"),
             role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="read-pods"),
             subjects=[
-                client.RbacV1Subject(
-                    api_group="rbac.authorization.k8s.io", kind="User", name="clusterfit-controller"
-                )
+                client.RbacV1Subject(api_group="rbac.authorization.k8s.io", kind="User", name="clusterfit-controller")
             ],
         ),
     )

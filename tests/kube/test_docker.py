@@ -61,7 +61,15 @@ def image_env(tmp_path_factory: pytest.TempPathFactory, package_wheel: Path) -> 
             for args in (
                 ["venv", "--quiet", "--python", sys.executable, str(venv)],
                 ["pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-r", str(lock)],
-                ["pip", "install", "--quiet", "--no-deps", "--python", str(venv / "bin" / "python"), str(package_wheel)],
+                [
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--python",
+                    str(venv / "bin" / "python"),
+                    str(package_wheel),
+                ],
             ):
                 result = uv(*args)
                 assert result.returncode == 0, f"uv {' '.join(args)}:\n{result.stderr}"
@@ -76,9 +84,12 @@ def run_in(venv: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str
     nothing of this checkout importable (cwd elsewhere, no PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(
-        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv), HOME=str(cwd),
-        XDG_CACHE_HOME=str(cwd / ".cache"), CLUSTERFIT_CONFIG_DIR=str(REPO_ROOT / "configs"),
-    )  # fmt: skip
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        VIRTUAL_ENV=str(venv),
+        HOME=str(cwd),
+        XDG_CACHE_HOME=str(cwd / ".cache"),
+        CLUSTERFIT_CONFIG_DIR=str(REPO_ROOT / "configs"),
+    )
     return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -95,7 +106,8 @@ def no_torch(venv: Path, cwd: Path) -> None:
 def test_step_image_runs_the_steps(image_env: Callable[[str], Path], tmp_path: Path) -> None:
     venv = image_env("step")
     assert "pretrain" in ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
-    code = "import torch, torchvision, clusterfit.pretrain, clusterfit.extract, clusterfit.train, clusterfit.evaluate; print(torch.__version__)"
+    steps = ", ".join(f"clusterfit.steps.{step}" for step in ("pretrain", "extract", "train", "evaluate"))
+    code = f"import torch, torchvision, {steps}; print(torch.__version__)"
     version = ok(run_in(venv, "python", "-c", code, cwd=tmp_path)).strip()
     assert f"torch=={version.split('+')[0]}\n" in (DOCKER / "requirements-step.txt").read_text()
     # configs/ come from CLUSTERFIT_CONFIG_DIR, as in the image
@@ -106,10 +118,18 @@ def test_cluster_image_has_faiss_and_no_torch(image_env: Callable[[str], Path], 
     venv = image_env("cluster")
     assert "cluster" in ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
     no_torch(venv, tmp_path)
-    ok(run_in(venv, "python", "-c", "import clusterfit.config, clusterfit.storage, clusterfit.artifacts, clusterfit.layout", cwd=tmp_path))
+    ok(
+        run_in(
+            venv,
+            "python",
+            "-c",
+            "import clusterfit.config, clusterfit.storage, clusterfit.artifacts, clusterfit.artifacts.layout",
+            cwd=tmp_path,
+        )
+    )
     # The cluster step's module and its faiss k-means run here; two far-apart blobs are the oracle.
     code = (
-        "import sys, numpy as np, clusterfit.cluster\n"
+        "import sys, numpy as np, clusterfit.steps.cluster\n"
         "from clusterfit import kmeans\n"
         "rng = np.random.default_rng(0)\n"
         "x = np.concatenate([rng.normal(0, 1, (200, 8)), rng.normal(50, 1, (200, 8))]).astype('float32')\n"
@@ -127,7 +147,15 @@ def test_controller_image_renders_and_checks_outputs_without_torch(
     venv = image_env("controller")
     ok(run_in(venv, "clusterfit", "--help", cwd=tmp_path))
     no_torch(venv, tmp_path)
-    ok(run_in(venv, "python", "-c", "import clusterfit.kube.manifests, clusterfit.kube.commands, clusterfit.kube.controller", cwd=tmp_path))
+    ok(
+        run_in(
+            venv,
+            "python",
+            "-c",
+            "import clusterfit.kube.manifests, clusterfit.kube.commands, clusterfit.kube.controller",
+            cwd=tmp_path,
+        )
+    )
     rendered = ok(run_in(venv, "clusterfit", "render", "config=kubernetes-example", "--stdout", cwd=tmp_path))
     assert rendered.count("kind: PyTorchJob") == 5
     # The chart's `helm test` pod runs in this image: its check must work here.
@@ -148,7 +176,12 @@ def test_dockerfile_conventions(image: str) -> None:
     text = (DOCKER / dockerfile).read_text()
     assert text.rstrip().endswith('ENTRYPOINT ["clusterfit"]\nCMD ["--help"]')
     assert "\nUSER 10001:10001\n" in text  # non-root, numeric so runAsNonRoot can verify it
-    for env in ("HOME=/home/clusterfit", "XDG_CACHE_HOME=", "CLUSTERFIT_CONFIG_DIR=/opt/clusterfit/configs", "PATH=/opt/venv/bin"):
+    for env in (
+        "HOME=/home/clusterfit",
+        "XDG_CACHE_HOME=",
+        "CLUSTERFIT_CONFIG_DIR=/opt/clusterfit/configs",
+        "PATH=/opt/venv/bin",
+    ):
         assert env in text, env
     assert "COPY configs /opt/clusterfit/configs" in text and "pip install --no-cache-dir --no-deps /tmp/src" in text
     for lock in re.findall(r"docker/(requirements-[\w-]+\.txt)", text):
@@ -157,7 +190,11 @@ def test_dockerfile_conventions(image: str) -> None:
         assert "ARG VARIANT=cuda" in text and "FROM base-${VARIANT}" in text and "nvidia/cuda:" in text
     ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
     for source in re.findall(r"^COPY (\S+)", text, flags=re.M):
-        assert f"!{source.rstrip('/')}" in ignore or f"!{source.rstrip('/')}/" in ignore or "!docker/requirements-*.txt" in ignore
+        assert (
+            f"!{source.rstrip('/')}" in ignore
+            or f"!{source.rstrip('/')}/" in ignore
+            or "!docker/requirements-*.txt" in ignore
+        )
 
 
 def test_locks_pin_everything_and_keep_torch_where_it_belongs() -> None:
@@ -178,5 +215,7 @@ def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
     if made.returncode or installed.returncode:
         pytest.skip(f"{HADOLINT} did not install: {installed.stderr.strip()[-300:]}")
     for dockerfile, _ in IMAGES.values():
-        result = subprocess.run([str(venv / "bin" / "hadolint"), str(DOCKER / dockerfile)], capture_output=True, text=True)
+        result = subprocess.run(
+            [str(venv / "bin" / "hadolint"), str(DOCKER / dockerfile)], capture_output=True, text=True
+        )
         assert result.returncode == 0 and not result.stdout.strip(), f"{dockerfile}:\n{result.stdout}{result.stderr}"

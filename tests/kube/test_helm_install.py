@@ -15,7 +15,7 @@ from pathlib import Path
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from clusterfit.config import load_config
+from clusterfit.config import config_from_args
 from clusterfit.kube import commands
 from tests.infra.controlplane import ControlPlane
 from tests.kube.helpers_controller import Experiment, FakeOperator
@@ -44,8 +44,13 @@ def exists(api: client.ApiClient, kind: str, name: str, namespace: str) -> bool:
 def test_helm_install_creates_the_release_its_controller_runs_with_it_and_uninstall_removes_it(
     control_plane: ControlPlane, namespace: str, helm_bin: Path, s3_env: S3Server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig_path), "HELM_CACHE_HOME": str(tmp_path / "cache"),
-           "HELM_CONFIG_HOME": str(tmp_path / "config"), "HELM_DATA_HOME": str(tmp_path / "data")}  # fmt: skip
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(control_plane.kubeconfig_path),
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+    }
     values = {
         "s3.secretName": "clusterfit-s3",  # referenced only; the controller here reads S3 keys from its env
         "experiment.EXPERIMENT.ROOT": f"{s3_bucket}/runs",
@@ -60,28 +65,51 @@ def test_helm_install_creates_the_release_its_controller_runs_with_it_and_uninst
     # The release's objects are in the API server.
     manifest = helm(helm_bin, "get", "manifest", "digits", "-n", namespace, env=env)
     objects = {(o["kind"], o["metadata"]["name"]) for o in load_docs(manifest.stdout)}
-    assert objects == {("ConfigMap", "digits-config"), ("ServiceAccount", "digits-controller"), ("Role", "digits-controller"),
-                       ("RoleBinding", "digits-controller"), ("Job", "digits")}  # fmt: skip
+    assert objects == {
+        ("ConfigMap", "digits-config"),
+        ("ServiceAccount", "digits-controller"),
+        ("Role", "digits-controller"),
+        ("RoleBinding", "digits-controller"),
+        ("Job", "digits"),
+    }
     admin = control_plane.api_client()
     assert all(exists(admin, kind, name, namespace) for kind, name in objects)
     job = client.BatchV1Api(admin).read_namespaced_job("digits", namespace)
     command = [*job.spec.template.spec.containers[0].command, *job.spec.template.spec.containers[0].args]
-    assert command == ["clusterfit", "submit", "--in-cluster", "config=/etc/clusterfit/config.yaml", "--owner-configmap", "digits-config"]
+    assert command == [
+        "clusterfit",
+        "submit",
+        "--in-cluster",
+        "config=/etc/clusterfit/config.yaml",
+        "--owner-configmap",
+        "digits-config",
+    ]
 
     # That command, with the chart's ServiceAccount token instead of --in-cluster (no kubelet mounts one here).
     core = client.CoreV1Api(admin)
-    token = core.create_namespaced_service_account_token("digits-controller", namespace, {"spec": {"expirationSeconds": 600}})
+    token = core.create_namespaced_service_account_token(
+        "digits-controller", namespace, {"spec": {"expirationSeconds": 600}}
+    )
     as_chart = control_plane.kubeconfig_for(token.status.token, name="chart-controller")
     config_map = core.read_namespaced_config_map("digits-config", namespace)
     (tmp_path / "config.yaml").write_text(config_map.data["config.yaml"])  # what /etc/clusterfit/config.yaml holds
-    cfg = load_config([f"config={tmp_path / 'config.yaml'}"])
+    cfg = config_from_args([f"config={tmp_path / 'config.yaml'}"])
     ex = Experiment(control_plane, namespace, tmp_path, f"{s3_bucket}/runs", s3_env.endpoint_url)
     with FakeOperator(ex, cfg) as operator:
-        argv = [f"config={tmp_path / 'config.yaml'}", "--kubeconfig", str(as_chart), "--owner-configmap", "digits-config"]
+        argv = [
+            f"config={tmp_path / 'config.yaml'}",
+            "--kubeconfig",
+            str(as_chart),
+            "--owner-configmap",
+            "digits-config",
+        ]
         assert commands.cli_submit(argv) == 0
     assert operator.names() == ["digits-extract", "digits-cluster"]
     owners = [j["metadata"]["ownerReferences"] for j in ex.jobs()]
-    assert owners == [[{"apiVersion": "v1", "kind": "ConfigMap", "name": "digits-config", "uid": config_map.metadata.uid}]] * 2
+    assert (
+        owners
+        == [[{"apiVersion": "v1", "kind": "ConfigMap", "name": "digits-config", "uid": config_map.metadata.uid}]] * 2
+    )
 
     uninstall = helm(helm_bin, "uninstall", "digits", "-n", namespace, "--wait", env=env)
     assert uninstall.returncode == 0, uninstall.stderr

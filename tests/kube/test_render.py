@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from clusterfit.config import ConfigError, load_config
+from clusterfit.config import ConfigError, config_from_args
 from clusterfit.kube.manifests import (
     HASH_ANNOTATION,
     ManifestError,
@@ -72,7 +72,7 @@ def container(job: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_rendered_job_passes_the_crd_schema_and_webhook_rules(variant: str, tmp_path: Path) -> None:
     objects = render(VARIANTS[variant], tmp_path)
-    steps = load_config(VARIANTS[variant]).PIPELINE.STEPS
+    steps = config_from_args(VARIANTS[variant]).PIPELINE.STEPS
     assert [p.name for p in sorted(tmp_path.glob("*.yaml"))] == ["00-configmap.yaml"] + [
         f"{i:02d}-{s}.yaml" for i, s in enumerate(steps, 1)
     ]
@@ -101,23 +101,37 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
     c = container(train, "Worker")
     assert c["name"] == "pytorch" and c["image"] == "clusterfit/clusterfit:0.1.0-cpu"
     assert c["command"] == [
-        "python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
-        "-m", "clusterfit", "train", "config=/etc/clusterfit/config.yaml",
-    ]  # fmt: skip
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "-m",
+        "clusterfit",
+        "train",
+        "config=/etc/clusterfit/config.yaml",
+    ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
     pod = replicas["Worker"]["template"]["spec"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
     assert {"name": "config", "configMap": {"name": "quickstart-config"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert pod["affinity"]["nodeAffinity"] and pod["priorityClassName"] == "training" and pod["schedulerName"] == "volcano"
+    assert (
+        pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    )
+    assert (
+        pod["affinity"]["nodeAffinity"] and pod["priorityClassName"] == "training" and pod["schedulerName"] == "volcano"
+    )
     assert pod["serviceAccountName"] == "steps" and pod["imagePullSecrets"] == [{"name": "registry"}]
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert train["spec"]["runPolicy"] == {
-        "cleanPodPolicy": "Running", "backoffLimit": 2, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 86400,
+        "cleanPodPolicy": "Running",
+        "backoffLimit": 2,
+        "activeDeadlineSeconds": 7200,
+        "ttlSecondsAfterFinished": 86400,
         "schedulingPolicy": {"minAvailable": 2, "queue": "gpu-queue", "priorityClass": "training"},
-    }  # fmt: skip
+    }
     assert replicas["Worker"]["restartPolicy"] == "ExitCode"
     env = {e["name"]: e for e in c["env"]}
     assert env["NCCL_DEBUG"]["value"] == "INFO" and env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
@@ -127,16 +141,19 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
             assert job["metadata"]["labels"][key] == value
             assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"][key] == value
     # cluster: its own torch-free image, one process per pod (its ranks meet through storage), 1 GPU
-    assert cluster["spec"]["nprocPerNode"] == "1" and container(cluster)["image"] == "clusterfit/clusterfit-cluster:0.1.0-cpu"
+    assert (
+        cluster["spec"]["nprocPerNode"] == "1"
+        and container(cluster)["image"] == "clusterfit/clusterfit-cluster:0.1.0-cpu"
+    )
     assert container(cluster)["command"] == ["clusterfit", "cluster", "config=/etc/clusterfit/config.yaml"]
     assert cluster["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
 
 
 def test_single_node_job_has_no_workers_and_runs_the_step_directly() -> None:
-    job = build_step_job(load_config(EXAMPLE), "extract", config_map_name="cm")
+    job = build_step_job(config_from_args(EXAMPLE), "extract", config_map_name="cm")
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     assert container(job)["command"] == ["clusterfit", "extract", "config=/etc/clusterfit/config.yaml"]
-    backend = load_config([*EXAMPLE, "config.CLUSTERFIT.CLUSTER_BACKEND=torch"])
+    backend = config_from_args([*EXAMPLE, "config.CLUSTERFIT.CLUSTER_BACKEND=torch"])
     assert container(build_step_job(backend, "cluster", config_map_name="cm"))["image"] == backend.KUBERNETES.IMAGE
 
 
@@ -144,7 +161,11 @@ def test_torchrun_command_gives_every_process_its_rank_under_the_operators_env(t
     """Run the rendered command for 2 nodes x 2 processes with the env the training operator sets
     (its pkg/controller.v1/pytorch/envvar.go: MASTER_*, PET_MASTER_*, PET_NODE_RANK, PET_NNODES,
     PET_NPROC_PER_NODE, WORLD_SIZE, RANK), a probe module in place of the step."""
-    job = build_step_job(load_config([*EXAMPLE, "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"]), "train", config_map_name="cm")
+    job = build_step_job(
+        config_from_args([*EXAMPLE, "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"]),
+        "train",
+        config_map_name="cm",
+    )
     command = container(job)["command"]
     module_at = len(command) - 1 - command[::-1].index("-m")  # the last -m names the step's module
     probe = [sys.executable, *command[1 : module_at + 1], "probe_rank", str(tmp_path)]
@@ -161,9 +182,19 @@ def test_torchrun_command_gives_every_process_its_rank_under_the_operators_env(t
     procs = []
     for node in range(nodes):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=port,
-                   WORLD_SIZE=str(nodes * int(nproc)), RANK=str(node), PET_NODE_RANK=str(node), PET_NNODES=str(nodes),
-                   PET_NPROC_PER_NODE=nproc, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")  # fmt: skip
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PET_MASTER_ADDR="127.0.0.1",
+            PET_MASTER_PORT=port,
+            WORLD_SIZE=str(nodes * int(nproc)),
+            RANK=str(node),
+            PET_NODE_RANK=str(node),
+            PET_NNODES=str(nodes),
+            PET_NPROC_PER_NODE=nproc,
+            PYTHONPATH=str(tmp_path),
+            OMP_NUM_THREADS="1",
+        )
         procs.append(subprocess.Popen(probe, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
@@ -199,25 +230,33 @@ def test_no_credential_value_in_any_rendered_output(tmp_path: Path) -> None:
 )
 def test_bad_kubernetes_settings_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        load_config([*EXAMPLE, override])
+        config_from_args([*EXAMPLE, override])
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["config.EXPERIMENT.NAME=" + "a" * 42], "EXPERIMENT.NAME 'aaaa.*' is too long: job name .* has 51 characters, at most 50"),
+        (
+            ["config.EXPERIMENT.NAME=" + "a" * 42],
+            "EXPERIMENT.NAME 'aaaa.*' is too long: job name .* has 51 characters, at most 50",
+        ),
         (["config.EXPERIMENT.NAME=My_Exp"], "EXPERIMENT.NAME 'My_Exp' cannot name Kubernetes objects"),
         (["config.EXPERIMENT.NAME=1exp"], "EXPERIMENT.NAME '1exp' cannot name"),
-        (["config.EXPERIMENT.ROOT=file:///data/runs"], "EXPERIMENT.ROOT must be an s3:// URI on Kubernetes, got file:///data/runs"),
+        (
+            ["config.EXPERIMENT.ROOT=file:///data/runs"],
+            "EXPERIMENT.ROOT must be an s3:// URI on Kubernetes, got file:///data/runs",
+        ),
         (["config.EXPERIMENT.ROOT="], "EXPERIMENT.ROOT must be an s3:// URI on Kubernetes, got ''"),
-        (["config.DISTRIBUTED.NUM_PROC_PER_NODE=4", "config.KUBERNETES.RESOURCES.TRAIN.GPUS=2"],
-         "KUBERNETES.RESOURCES.TRAIN.GPUS=2 is less than DISTRIBUTED.NUM_PROC_PER_NODE=4"),
+        (
+            ["config.DISTRIBUTED.NUM_PROC_PER_NODE=4", "config.KUBERNETES.RESOURCES.TRAIN.GPUS=2"],
+            "KUBERNETES.RESOURCES.TRAIN.GPUS=2 is less than DISTRIBUTED.NUM_PROC_PER_NODE=4",
+        ),
     ],
-)  # fmt: skip
+)
 def test_configs_that_cannot_become_jobs_are_refused(
     overrides: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    cfg = load_config([*EXAMPLE, *overrides])
+    cfg = config_from_args([*EXAMPLE, *overrides])
     with pytest.raises(ManifestError, match=message):
         build_all(cfg, config_map_name="cm")
     from clusterfit.kube.render import cli_render
@@ -227,13 +266,13 @@ def test_configs_that_cannot_become_jobs_are_refused(
 
 
 def test_job_names_up_to_50_characters_pass() -> None:
-    cfg = load_config([*EXAMPLE, "config.EXPERIMENT.NAME=" + "a" * 41])
+    cfg = config_from_args([*EXAMPLE, "config.EXPERIMENT.NAME=" + "a" * 41])
     assert len(job_name(cfg, "evaluate")) == 50
     assert_valid_pytorchjob(build_step_job(cfg, "evaluate", config_map_name="cm"))
 
 
 def _valid_job() -> dict[str, Any]:
-    return build_step_job(load_config(MULTINODE), "train", config_map_name="cm")
+    return build_step_job(config_from_args(MULTINODE), "train", config_map_name="cm")
 
 
 def _set(path: str, value: Any) -> Any:
@@ -254,16 +293,25 @@ MASTER = "spec/pytorchReplicaSpecs/Master"
 WEBHOOK_CASES = {
     "master-replicas": (_set(f"{MASTER}/replicas", 2), "spec.pytorchReplicaSpecs.Master.replicas: must be 1, got 2"),
     "no-master": (_set(MASTER, ...), "spec.pytorchReplicaSpecs.Master: required"),
-    "worker-replicas": (_set("spec/pytorchReplicaSpecs/Worker/replicas", 0), "Worker.replicas: must be at least 1, got 0"),
+    "worker-replicas": (
+        _set("spec/pytorchReplicaSpecs/Worker/replicas", 0),
+        "Worker.replicas: must be at least 1, got 0",
+    ),
     "replica-type": (_set("spec/pytorchReplicaSpecs/Chief", {"replicas": 1}), "Chief: unknown replica type"),
-    "container-name": (_set(f"{MASTER}/template/spec/containers/0/name", "main"), "must have a container named 'pytorch'"),
+    "container-name": (
+        _set(f"{MASTER}/template/spec/containers/0/name", "main"),
+        "must have a container named 'pytorch'",
+    ),
     "image": (_set(f"{MASTER}/template/spec/containers/0/image", ""), "containers[0].image: required"),
     "restart": (_set(f"{MASTER}/restartPolicy", "Sometimes"), "Master.restartPolicy: 'Sometimes' is not one of"),
     "clean-pod": (_set("spec/runPolicy/cleanPodPolicy", "Some"), "spec.runPolicy.cleanPodPolicy: 'Some' is not one of"),
     "backoff": (_set("spec/runPolicy/backoffLimit", -1), "spec.runPolicy.backoffLimit: must be a non-negative integer"),
     "managed-by": (_set("spec/runPolicy/managedBy", "me"), "spec.runPolicy.managedBy: 'me' is not one of"),
     "nproc-int": (_set("spec/nprocPerNode", 4), "spec.nprocPerNode: 4 must be a string"),
-    "elastic-nproc": (_set("spec/elasticPolicy", {"nProcPerNode": 4}), "elasticPolicy.nProcPerNode: must not be used with"),
+    "elastic-nproc": (
+        _set("spec/elasticPolicy", {"nProcPerNode": 4}),
+        "elasticPolicy.nProcPerNode: must not be used with",
+    ),
     "name-long": (_set("metadata/name", "a" * 51), "51 characters, at most 50"),
     "name-dns": (_set("metadata/name", "Train_1"), "must be a DNS-1035 label"),
     "secret-value": (
@@ -287,13 +335,15 @@ def test_webhook_rule_violations_raise_clear_errors(case: str) -> None:
 
 
 def test_spec_hash_covers_the_job_but_not_itself() -> None:
-    cfg = load_config(MULTINODE)
+    cfg = config_from_args(MULTINODE)
     job = build_step_job(cfg, "train", config_map_name="cm")
-    again = build_step_job(load_config(MULTINODE), "train", config_map_name="cm")
+    again = build_step_job(config_from_args(MULTINODE), "train", config_map_name="cm")
     assert job == again and spec_hash(job) == job["metadata"]["annotations"][HASH_ANNOTATION]
     job["metadata"]["annotations"][HASH_ANNOTATION] = "something else"
     assert spec_hash(job) == spec_hash(again)
-    changed = build_step_job(load_config([*MULTINODE, "config.OPTIMIZER.NUM_EPOCHS=3"]), "train", config_map_name="cm")
+    changed = build_step_job(
+        config_from_args([*MULTINODE, "config.OPTIMIZER.NUM_EPOCHS=3"]), "train", config_map_name="cm"
+    )
     # The config is in the ConfigMap, yet a job from another config must not pass for this one.
     assert spec_hash(changed) != spec_hash(again)
     assert build_step_job(cfg, "train", config_map_name="cm", owner=OWNER)["metadata"]["ownerReferences"] == [OWNER]
@@ -328,7 +378,7 @@ def test_k8s_examples_hold_no_secrets_and_the_controllers_exact_rules() -> None:
         ("", "configmaps"): {"get"},
     }
     namespace = yaml.safe_load((REPO_ROOT / "k8s" / "namespace.yaml").read_text())["metadata"]["name"]
-    assert namespace == load_config(EXAMPLE).KUBERNETES.NAMESPACE
+    assert namespace == config_from_args(EXAMPLE).KUBERNETES.NAMESPACE
     assert {d["metadata"]["namespace"] for d in rbac} == {namespace}
 
 

@@ -77,12 +77,25 @@ def test_extract_and_cluster_on_s3(s3_server, s3_bucket: str, tmp_path: Path) ->
     run_ok("cluster", *step1(root, *small), env=env)
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id=s3_server.access_key,
-                          aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)  # fmt: skip
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
     bucket = s3_bucket.removeprefix("s3://")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="exp1/")["Contents"]}
-    assert {"exp1/clusters/res5-k20/_SUCCESS.json", "exp1/clusters/res5-k20/labels.npy", "exp1/features/train/_SUCCESS.json"} <= keys
-    labels = np.load(__import__("io").BytesIO(client.get_object(Bucket=bucket, Key="exp1/clusters/res5-k20/labels.npy")["Body"].read()))
+    assert {
+        "exp1/clusters/res5-k20/_SUCCESS.json",
+        "exp1/clusters/res5-k20/labels.npy",
+        "exp1/features/train/_SUCCESS.json",
+    } <= keys
+    labels = np.load(
+        __import__("io").BytesIO(
+            client.get_object(Bucket=bucket, Key="exp1/clusters/res5-k20/labels.npy")["Body"].read()
+        )
+    )
     assert labels.shape == (600,) and labels.min() >= 0 and labels.max() < 20
 
 
@@ -128,7 +141,9 @@ def test_a_changed_config_redoes_the_chunks_a_finished_extraction_left(tmp_path:
     _, before = features_from_disk(root, "train", "res5")
     other = "config.DATA.TRANSFORMS.MEAN=[0.3,0.3,0.3]"  # same chunks, other features
     again = run_ok("extract", *step1(root, *small, other))
-    assert "already done" not in again.stderr and "published 192 images" in again.stderr and "in 3 chunks" in again.stderr
+    assert (
+        "already done" not in again.stderr and "published 192 images" in again.stderr and "in 3 chunks" in again.stderr
+    )
     run_ok("extract", *step1(fresh, *small, other))
     index, after = features_from_disk(root, "train", "res5")
     _, expected = features_from_disk(fresh, "train", "res5")

@@ -47,8 +47,12 @@ def test_kill_9_mid_training_resumes_and_matches_an_uninterrupted_run(clustered:
     straight = copy_of(clustered, tmp_path, "straight")
     run_ok("train", *args(straight, epochs))
     killed = copy_of(clustered, tmp_path, "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "clusterfit", "train", *args(killed, epochs)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clusterfit", "train", *args(killed, epochs)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = killed / "train/latest.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (pointer.exists() and json.loads(pointer.read_text())["epoch"] >= 1):
@@ -71,7 +75,10 @@ def test_two_process_ddp_loss_decreases_like_one_process(clustered: Path, tmp_pa
     one = copy_of(clustered, tmp_path, "one")
     run_ok("train", *args(one, epochs, "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64"))
     two = copy_of(clustered, tmp_path, "two")
-    proc = run_ok("train", *args(two, epochs, "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"))
+    proc = run_ok(
+        "train",
+        *args(two, epochs, "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"),
+    )
     assert "torch.distributed.run" in proc.stderr
     h1, h2 = history(one), history(two)
     assert h2[-1]["step"] == h1[-1]["step"] == 4 * 4  # same global batch of 64: 4 steps per epoch
@@ -99,9 +106,24 @@ def test_bad_label_files_fail_before_training(tmp_path: Path, labels: np.ndarray
 
 def test_sigterm_writes_a_checkpoint_before_exiting(clustered: Path, tmp_path: Path) -> None:
     root = copy_of(clustered, tmp_path, "term")
-    proc = subprocess.Popen([sys.executable, "-m", "clusterfit", "train", *args(root, "config.OPTIMIZER.NUM_EPOCHS=50",
-                            "config.CHECKPOINT.CHECKPOINT_FREQUENCY=100", "config.LOG.PROGRESS_INTERVAL_S=0.05")],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clusterfit",
+            "train",
+            *args(
+                root,
+                "config.OPTIMIZER.NUM_EPOCHS=50",
+                "config.CHECKPOINT.CHECKPOINT_FREQUENCY=100",
+                "config.LOG.PROGRESS_INTERVAL_S=0.05",
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if "epoch 0:" in line:
@@ -116,8 +138,16 @@ def test_sigterm_writes_a_checkpoint_before_exiting(clustered: Path, tmp_path: P
 
 def test_checkpoints_on_s3_move_the_latest_pointer(s3_server, s3_bucket: str, s3_env) -> None:  # type: ignore[no-untyped-def]
     root = f"{s3_bucket}/exp"
-    run_ok("run", *args(root, "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3", "config.OPTIMIZER.NUM_EPOCHS=2",
-                        "config.EXTRACT.PARTITIONS=[TRAIN]"), env=s3_server.env())  # fmt: skip
+    run_ok(
+        "run",
+        *args(
+            root,
+            "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+            "config.OPTIMIZER.NUM_EPOCHS=2",
+            "config.EXTRACT.PARTITIONS=[TRAIN]",
+        ),
+        env=s3_server.env(),
+    )
     from clusterfit.storage import open_store
 
     store = open_store(root, s3_server.settings())
