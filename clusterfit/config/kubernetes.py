@@ -96,12 +96,26 @@ class ControllerConfig(_Section):
         gt=0,
         description="Give up when the API server keeps failing (429/5xx, unreachable) for this long in a row.",
     )
+    POD_CHECK_INTERVAL_S: int = Field(
+        10,
+        ge=1,
+        description="While a step runs, look at its pods this often: pods that cannot start, and the logs of "
+        "containers that crashed (the operator deletes such pods when the job fails).",
+    )
+    POD_START_TIMEOUT_S: float = Field(
+        300.0,
+        gt=0,
+        description="Fail the step when one of its pods cannot start for this long (image pull failing, "
+        "unschedulable, bad container config) instead of waiting for activeDeadlineSeconds.",
+    )
     LOG_TAIL_LINES: int = Field(50, ge=0, description="Lines of the master pod's log printed when a step fails.")
     MAX_EVENTS: int = Field(
         20, ge=0, description="Most recent warning events of the step's pods printed when a step fails."
     )
     SAVE_LOGS: bool = Field(
-        True, description="Save each step's pod logs to <root>/logs/<step>/<pod>.log when the step ends."
+        True,
+        description="Save each step's pod logs to <root>/logs/<step>/<pod>.log when the step ends (and a "
+        "crashed container's log as soon as it is seen).",
     )
     VERIFY_OUTPUTS: bool = Field(
         True,

@@ -205,14 +205,17 @@ class Kube:
         patched = self.job_call("patch", self.jobs.patch_namespaced_custom_object, name, patch)
         return dict(patched)
 
-    def watch_job(self, name: str, resource_version: str) -> Generator[tuple[str, dict[str, Any]], None, None]:
-        """(event type, object) for one job from `resource_version` until the server ends the watch.
+    def watch_job(
+        self, name: str, resource_version: str, timeout_s: int | None = None
+    ) -> Generator[tuple[str, dict[str, Any]], None, None]:
+        """(event type, object) for one job from `resource_version` until the server ends the watch
+        (after `timeout_s`, default WATCH_TIMEOUT_S).
 
         Raises Gone (list again), Unreachable (connection dropped or 429/5xx: back off, list again),
         Forbidden, or KubeError.
         """
         watcher = watch.Watch()
-        timeout_s = self.settings.WATCH_TIMEOUT_S
+        timeout_s = timeout_s or self.settings.WATCH_TIMEOUT_S
         try:
             for event in watcher.stream(
                 self.jobs.list_namespaced_custom_object,
@@ -297,8 +300,11 @@ class Kube:
         )
         return [self.plain(event) for event in events.items]
 
-    def read_log(self, pod: str, container: str, tail_lines: int | None = None) -> str:
-        extra = {"tail_lines": tail_lines} if tail_lines else {}
+    def read_log(self, pod: str, container: str, tail_lines: int | None = None, previous: bool = False) -> str:
+        """The container's log; `previous`: of its last terminated instance (before a restart)."""
+        extra: dict[str, Any] = {"tail_lines": tail_lines} if tail_lines else {}
+        if previous:
+            extra["previous"] = True
         return str(
             self.call(
                 "get",

@@ -26,16 +26,9 @@ import yaml
 from clusterfit.artifacts.layout import pod_log, step_folders
 from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Kube, KubeError, load_api_client
-from clusterfit.kube.controller import (
-    CONTAINER,
-    Controller,
-    ControllerError,
-    condition_text,
-    master_pod,
-    step_done,
-    verdict,
-)
-from clusterfit.kube.manifests import ManifestError, build_all, build_config_map, job_name
+from clusterfit.kube.controller import Controller, ControllerError, step_done
+from clusterfit.kube.manifests import CONTAINER, ManifestError, build_all, build_config_map, job_name
+from clusterfit.kube.status import condition_text, master_pod, verdict
 from clusterfit.storage import StorageError, Store, open_store
 
 log = logging.getLogger(__name__)

@@ -3,10 +3,11 @@
     clusterfit submit config=quickstart                 # from a workstation (clusterfit.kube.commands)
     clusterfit submit --in-cluster config=/etc/clusterfit/config.yaml --owner-configmap exp-config
 
-Decisions are pure functions of the objects the API server returns (`verdict`, `plan`,
-`pod_problems`), so recorded status sequences test them; `Controller` makes the calls. A job is
-finished only when its `Failed` or `Succeeded` condition is True (Failed checked first); a job
-that disappears after it was seen is lost, never a success. Imports neither torch nor faiss.
+Decisions are pure functions of the objects the API server returns (`kube.status`: `verdict`,
+`pod_problems`, `start_problems`; here `plan`), so recorded status sequences test them;
+`Controller` makes the calls. A job is finished only when its `Failed` or `Succeeded` condition is
+True (Failed checked first); a job that disappears after it was seen is lost, never a success. A
+pod that cannot start fails the step after POD_START_TIMEOUT_S. Imports neither torch nor faiss.
 """
 
 from __future__ import annotations
@@ -14,19 +15,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from clusterfit.artifacts.layout import MANIFEST, pod_log, step_folders
 from clusterfit.config import Config
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
-from clusterfit.kube.manifests import CONTAINER, HASH_ANNOTATION, build_step_job
+from clusterfit.kube.manifests import CONTAINER, build_step_job
+from clusterfit.kube.status import (
+    FINISHED,
+    condition_text,
+    container_problems,
+    crashed,
+    master_pod,
+    pod_problems,
+    restarts,
+    spec_hash_of,
+    start_problems,
+    verdict,
+)
 from clusterfit.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("Succeeded", "Failed")
-PROGRESS = ("Suspended", "Restarting", "Running", "Created")
+RESTART_MARK = "\n---- the container restarted; the log of the new one follows ----\n"
 
 
 class ControllerError(RuntimeError):
@@ -34,38 +46,6 @@ class ControllerError(RuntimeError):
 
 
 # ---- pure decisions --------------------------------------------------------------------------
-
-
-def true_condition(job: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    """The job's condition of type `kind` when its status is "True", else None."""
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("type") == kind and condition.get("status") == "True":
-            return dict(condition)
-    return None
-
-
-def verdict(job: dict[str, Any] | None) -> str:
-    """Failed, Succeeded (only from a True condition, Failed first), else the latest True progress
-    condition (Suspended, Restarting, Running, Created), else Pending."""
-    if true_condition(job, "Failed"):
-        return "Failed"
-    if true_condition(job, "Succeeded"):
-        return "Succeeded"
-    latest = "Pending"
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("type") in PROGRESS and condition.get("status") == "True":
-            latest = str(condition["type"])  # the operator appends: the last True one is the newest
-    return latest
-
-
-def condition_text(job: dict[str, Any] | None, kind: str) -> str:
-    """`reason: message` of the job's True condition `kind` ("" when there is none)."""
-    condition = true_condition(job, kind) or {}
-    return ": ".join(str(condition[k]) for k in ("reason", "message") if condition.get(k))
-
-
-def spec_hash_of(job: dict[str, Any] | None) -> str:
-    return str((((job or {}).get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION, ""))
 
 
 def plan(existing: dict[str, Any] | None, desired: dict[str, Any]) -> str:
@@ -88,39 +68,18 @@ def step_done(store: Store, folders: list[str]) -> bool:
     return bool(folders) and all(store.exists(f"{folder}/{MANIFEST}") for folder in folders)
 
 
-def master_pod(job_name: str) -> str:
-    return f"{job_name}-master-0"
+@dataclass
+class StepPods:
+    """What the controller saw of one step's pods while the step ran. Kept here because the operator
+    deletes a failed job's running pods (and with them their logs and status)."""
 
+    stuck_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    crash_logs: dict[str, str] = field(default_factory=dict)  # pod -> log of its last crashed container
+    problems: list[str] = field(default_factory=list)  # OOMKilled, exit codes, ... in the order seen
 
-def _container_problems(pod: str, status: dict[str, Any]) -> Iterable[str]:
-    for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-        where = f"pod {pod} container {container.get('name')}"
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
-            yield f"{where}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-        for state in (container.get("state") or {}, container.get("lastState") or {}):
-            ended = state.get("terminated") or {}
-            if ended and (ended.get("exitCode") or ended.get("reason") not in (None, "Completed")):
-                yield f"{where}: terminated {ended.get('reason', '')} (exit code {ended.get('exitCode')})"
-
-
-def pod_problems(pods: list[dict[str, Any]], events: list[dict[str, Any]], max_events: int = 20) -> list[str]:
-    """Why pods failed, from their status (OOMKilled, ImagePullBackOff, Unschedulable) and Warning events."""
-    found: list[str] = []
-    for pod in pods:
-        name = pod["metadata"]["name"]
-        status = pod.get("status") or {}
-        for condition in status.get("conditions") or []:
-            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-                found.append(f"pod {name}: not scheduled: {condition.get('reason')}: {condition.get('message', '')}")
-        found.extend(_container_problems(name, status))
-    warnings = [e for e in events if e.get("type") == "Warning"][-max_events:] if max_events else []
-    for event in warnings:
-        count = f" (x{event['count']})" if (event.get("count") or 1) > 1 else ""
-        found.append(
-            f"event on {event['involvedObject'].get('name')}: {event.get('reason')}: {event.get('message')}{count}"
-        )
-    return list(dict.fromkeys(found))
+    def note(self, found: list[str]) -> None:
+        self.problems += [p for p in found if p not in self.problems]
 
 
 def tail(text: str, lines: int) -> list[str]:
@@ -152,10 +111,11 @@ class Controller:
                 continue
             job = self.start(step)
             self.current = job["metadata"]["name"]
-            job = self.follow(job)
-            logs = self.save_logs(step, job)
+            seen = StepPods()
+            job = self.follow(step, job, seen)
+            logs = self.save_logs(step, job, seen)
             if verdict(job) == "Failed":
-                raise ControllerError(self.failure_report(step, job, logs))
+                raise ControllerError(self.failure_report(step, job, logs, seen))
             self.check_outputs(step, job)
             self.current = None
             log.info("step %s: Succeeded", step)
@@ -181,8 +141,10 @@ class Controller:
         log.info("step %s: adopted the existing PyTorchJob %s (same spec), now %s", step, name, verdict(existing))
         return existing
 
-    def follow(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Watch the job until Failed or Succeeded; list again on 410 and after a dropped connection."""
+    def follow(self, step: str, job: dict[str, Any], seen: StepPods) -> dict[str, Any]:
+        """Watch the job until Failed or Succeeded; list again on 410 and after a dropped connection.
+        Every POD_CHECK_INTERVAL_S, look at its pods: fail the step when one cannot start for
+        POD_START_TIMEOUT_S, and keep the log of every container that crashed."""
         name = job["metadata"]["name"]
         deadline = time.monotonic() + self.settings.STEP_TIMEOUT_S
         backoff = Backoff(self.settings)
@@ -198,6 +160,7 @@ class Controller:
                 job = self.same_job(items[0] if items else None, job)
                 state = self.announce(job, state)
                 if state not in FINISHED:
+                    self.inspect_pods(step, job, seen)
                     job = self.watch(job, resource_version, deadline)
                     state = verdict(job)
                 backoff.reset()
@@ -210,7 +173,8 @@ class Controller:
     def watch(self, job: dict[str, Any], resource_version: str, deadline: float) -> dict[str, Any]:
         """Follow one watch request until the job finishes, the deadline passes or the server ends it."""
         state, started = verdict(job), time.monotonic()
-        with contextlib.closing(self.kube.watch_job(job["metadata"]["name"], resource_version)) as events:
+        timeout_s = self.settings.POD_CHECK_INTERVAL_S
+        with contextlib.closing(self.kube.watch_job(job["metadata"]["name"], resource_version, timeout_s)) as events:
             for kind, obj in events:
                 if kind == "BOOKMARK":
                     continue
@@ -219,7 +183,7 @@ class Controller:
                 if state in FINISHED or time.monotonic() > deadline:
                     return job
         elapsed_s = time.monotonic() - started
-        if elapsed_s < self.settings.WATCH_TIMEOUT_S:  # not the server's timeout: a restart or a proxy cut it
+        if elapsed_s < timeout_s - 0.5:  # not the server's timeout: a restart or a proxy cut it
             log.info(
                 "PyTorchJob %s: the watch ended after %.1fs; listing again",
                 job["metadata"]["name"],
@@ -256,36 +220,79 @@ class Controller:
                 f"(missing {', '.join(missing)}); not starting the next step"
             )
 
-    def save_logs(self, step: str, job: dict[str, Any]) -> dict[str, str]:
-        """Copy every pod's log to <root>/logs/<step>/<pod>.log before clean-up or TTL removes the pods."""
-        logs: dict[str, str] = {}
+    def inspect_pods(self, step: str, job: dict[str, Any], seen: StepPods) -> None:
+        """Fail the step when a pod cannot start for too long; keep the logs of crashed containers."""
+        pods = self.kube.list_pods(job["metadata"]["name"])
+        now = time.monotonic()
+        problems = start_problems(pods)
+        for key, text in problems.items():
+            if key not in seen.stuck_since:
+                limit_s = self.settings.POD_START_TIMEOUT_S
+                log.warning("step %s: %s (the step fails if this lasts %.0fs)", step, text, limit_s)
+        seen.stuck_since = {key: seen.stuck_since.get(key, now) for key in problems}
+        for key, since in seen.stuck_since.items():
+            if now - since >= self.settings.POD_START_TIMEOUT_S:
+                raise ControllerError(self.start_failure(step, job, problems[key], now - since, pods))
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if restarts(pod) > seen.restarts.get(name, 0) or (crashed(pod) and name not in seen.crash_logs):
+                seen.note(list(container_problems(name, pod.get("status") or {})))
+                self.keep_crash_log(step, name, previous=not crashed(pod), seen=seen)
+            seen.restarts[name] = restarts(pod)
+
+    def keep_crash_log(self, step: str, pod: str, previous: bool, seen: StepPods) -> None:
+        """The log of the pod's crashed container (the instance before its restart when `previous`)."""
+        try:
+            seen.crash_logs[pod] = self.kube.read_log(pod, CONTAINER, previous=previous)
+        except KubeError as exc:
+            log.warning("step %s: cannot read the log of crashed pod %s: %s", step, pod, exc)
+            return
+        self.put_log(step, pod, seen.crash_logs[pod])
+
+    def put_log(self, step: str, pod: str, text: str) -> None:
         if not self.settings.SAVE_LOGS:
-            return logs
+            return
+        try:
+            self.store.put_bytes(pod_log(step, pod), text.encode())
+            log.info("step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
+        except StorageError as exc:
+            log.warning("step %s: cannot save the log of pod %s: %s", step, pod, exc)
+
+    def save_logs(self, step: str, job: dict[str, Any], seen: StepPods) -> dict[str, str]:
+        """Every pod's log, also saved to <root>/logs/<step>/<pod>.log before clean-up or TTL removes the
+        pods: the current container's, after the last crashed one's when there was a crash."""
+        logs = dict(seen.crash_logs)  # pods the operator has deleted keep what was seen of them
         try:
             pods = self.kube.list_pods(job["metadata"]["name"])
         except KubeError as exc:
             log.warning("step %s: cannot list its pods to save their logs: %s", step, exc)
             return logs
-        for pod in (p["metadata"]["name"] for p in pods):
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            seen.note(list(container_problems(name, pod.get("status") or {})))
             try:
-                logs[pod] = self.kube.read_log(pod, CONTAINER)
-                self.store.put_bytes(pod_log(step, pod), logs[pod].encode())
-                log.info("step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
-            except (KubeError, StorageError) as exc:
-                log.warning("step %s: cannot save the log of pod %s: %s", step, pod, exc)
+                current = self.kube.read_log(name, CONTAINER)
+            except KubeError as exc:
+                log.warning("step %s: cannot read the log of pod %s: %s", step, name, exc)
+                continue
+            crash = seen.crash_logs.get(name, "")
+            logs[name] = current if not crash or crash == current else f"{crash}{RESTART_MARK}{current}"
+            self.put_log(step, name, logs[name])
         return logs
 
-    def failure_report(self, step: str, job: dict[str, Any], logs: dict[str, str]) -> str:
-        """The Failed condition, the pods' problems and events, and the tail of the master pod's log."""
+    def failure_report(self, step: str, job: dict[str, Any], logs: dict[str, str], seen: StepPods) -> str:
+        """The Failed condition, the pods' problems and events (also of pods already deleted, as seen
+        while the step ran), and the tail of the master pod's log."""
         name = job["metadata"]["name"]
         lines = [f"step {step} failed: PyTorchJob {name}: {condition_text(job, 'Failed') or 'Failed'}"]
         try:
             pods = self.kube.list_pods(name)
             events = [e for obj in [name, *(p["metadata"]["name"] for p in pods)] for e in self.kube.list_events(obj)]
-            lines += [f"  {p}" for p in pod_problems(pods, events, self.settings.MAX_EVENTS)]
+            problems = pod_problems(pods, events, self.settings.MAX_EVENTS)
         except KubeError as exc:
-            pods = []
+            pods, problems = [], []
             lines.append(f"  (cannot read the pods and events: {exc})")
+        lines += [f"  {p}" for p in dict.fromkeys([*seen.problems, *problems])]
         master = master_pod(name)
         if master in logs or any(p["metadata"]["name"] == master for p in pods):
             lines += self.log_tail(master, logs)
@@ -293,6 +300,23 @@ class Controller:
             lines.append("  (no pods left to show a log from)")
         lines.append(
             "  the job is kept for inspection; delete it (clusterfit cancel config=...) before submitting again"
+        )
+        return "\n".join(lines)
+
+    def start_failure(
+        self, step: str, job: dict[str, Any], problem: str, waited_s: float, pods: list[dict[str, Any]]
+    ) -> str:
+        """Why the step fails although its job has not: a pod that does not start."""
+        name = job["metadata"]["name"]
+        lines = [
+            f"step {step} failed: PyTorchJob {name}: {problem} for {waited_s:.0f}s "
+            f"(KUBERNETES.CONTROLLER.POD_START_TIMEOUT_S={self.settings.POD_START_TIMEOUT_S:.0f})"
+        ]
+        events = [e for obj in [name, *(p["metadata"]["name"] for p in pods)] for e in self.kube.list_events(obj)]
+        lines += [f"  {p}" for p in pod_problems(pods, events, self.settings.MAX_EVENTS)]
+        lines.append(
+            "  the job is kept for inspection; fix the cause (image, resources, node selector), delete the job "
+            "(clusterfit cancel config=...) and submit again"
         )
         return "\n".join(lines)
 

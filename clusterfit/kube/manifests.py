@@ -37,6 +37,12 @@ REPLICA_TYPES = ("Master", "Worker")
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
 CLEAN_POD_POLICIES = ("All", "Running", "None")
 MANAGED_BY = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
+# The Pod Security Standard `restricted`, met by our own container. runAsNonRoot is set on the container,
+# not the pod: a pod-level one also binds the init container the operator injects into Worker pods (it
+# waits for the Master's DNS name and runs as root unless the operator's init-container template says
+# otherwise), and the kubelet would refuse to start it. The seccomp profile is pod-wide: it suits both.
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+POD_SECURITY = {"seccompProfile": {"type": "RuntimeDefault"}}
 
 
 class ManifestError(UserError, ValueError):
@@ -154,7 +160,7 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": CONTAINER_SECURITY,
     }
     spec: dict[str, Any] = {
         "containers": [container],
@@ -162,7 +168,7 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
             {"name": "config", "configMap": {"name": config_map_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": kube.SHM_SIZE}},
         ],
-        "securityContext": {"runAsNonRoot": True},
+        "securityContext": POD_SECURITY,
     }
     optional = {
         "serviceAccountName": kube.SERVICE_ACCOUNT,

@@ -98,10 +98,17 @@ def grant_controller_role(cp: ControlPlane, namespace: str) -> None:
 
 
 def write_config(
-    folder: Path, namespace: str, root: str, endpoint: str, steps: list[str] | None = None, name: str = "fit"
+    folder: Path,
+    namespace: str,
+    root: str,
+    endpoint: str,
+    steps: list[str] | None = None,
+    name: str = "fit",
+    controller_settings: dict[str, Any] | None = None,
 ) -> Path:
     """A config for the experiment `name` in `namespace`, its artifacts under `root` (s3://: jobs need it)."""
     controller = {"WATCH_TIMEOUT_S": 60, "BACKOFF_INITIAL_S": 0.2, "BACKOFF_MAX_S": 1.0, "RETRY_TIMEOUT_S": 60}
+    controller |= controller_settings or {}
     tree = {
         "EXPERIMENT": {"NAME": name, "ROOT": f"{root}/{name}"},
         "STORAGE": {"S3": {"ENDPOINT_URL": endpoint, "ADDRESSING_STYLE": "path", "MAX_ATTEMPTS": 2}},
@@ -124,8 +131,9 @@ class Experiment:
     root: str  # s3://bucket/prefix
     endpoint: str  # the S3 server
 
-    def config(self, steps: list[str] | None = None, name: str = "fit") -> tuple[Path, Config]:
-        path = write_config(self.folder, self.namespace, self.root, self.endpoint, steps, name)
+    def config(self, steps: list[str] | None = None, name: str = "fit", **controller: Any) -> tuple[Path, Config]:
+        """The experiment's config file and its Config; keyword arguments are KUBERNETES.CONTROLLER settings."""
+        path = write_config(self.folder, self.namespace, self.root, self.endpoint, steps, name, controller)
         return path, config_from_args([f"config={path}"])
 
     def submit(self, config: Path, *extra: str, kubeconfig: Path | None = None) -> int:
@@ -215,6 +223,8 @@ class Script:
     hold: threading.Event | None = None  # stay Running until this is set
     running: threading.Event = field(default_factory=threading.Event)  # set once the job is Running
     log: str = ""  # the master pod's log (served by the FakeKubelet)
+    pod_status: dict[str, Any] | None = None  # the master pod's status while Running (default: phase Running)
+    delete_pods: bool = False  # delete the job's pods before marking it Failed, as cleanPodPolicy Running does
 
 
 def condition(kind: str, reason: str, message: str) -> dict[str, str]:
@@ -305,7 +315,8 @@ class FakeOperator:
         script = self.scripts.setdefault(step, Script())
         conditions = [condition("Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")]
         self._status(name, conditions)
-        self._pod(name, "master-0", {"phase": "Running"}, script.log or f"{step}: starting\n{step}: done\n")
+        master_status = script.pod_status or {"phase": "Running"}
+        self._pod(name, "master-0", master_status, script.log or f"{step}: starting\n{step}: done\n")
         conditions.append(condition("Running", "PyTorchJobRunning", f"PyTorchJob {name} is running."))
         self._status(name, conditions)
         script.running.set()
@@ -316,7 +327,11 @@ class FakeOperator:
         if self._stop.is_set():
             return
         if script.fail:
-            self._problems(name)
+            if script.delete_pods:
+                pods = f"{JOB_LABEL}={name}"
+                self.core.delete_collection_namespaced_pod(self.namespace, label_selector=pods, grace_period_seconds=0)
+            else:
+                self._problems(name)
             conditions.append(condition("Failed", *script.fail))
             self._status(name, conditions)
             return

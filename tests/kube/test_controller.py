@@ -28,8 +28,9 @@ from kubernetes import client
 from clusterfit.config import config_from_args
 from clusterfit.kube import commands
 from clusterfit.kube.client import GROUP, PLURAL, VERSION, Kube
-from clusterfit.kube.controller import Controller, ControllerError, plan, verdict
+from clusterfit.kube.controller import Controller, ControllerError, plan
 from clusterfit.kube.manifests import build_config_map, job_name
+from clusterfit.kube.status import verdict
 from clusterfit.storage import open_store
 from tests.infra.controlplane import ControlPlane
 from tests.kube.helpers_controller import (
@@ -40,6 +41,7 @@ from tests.kube.helpers_controller import (
     FakeOperator,
     Script,
     committed_role_rules,
+    container_status,
     grant_controller_role,
     normalized_rules,
     write_config,
@@ -178,6 +180,64 @@ def test_failed_cluster_step_stops_the_pipeline_and_says_why(
     assert store.get_bytes("logs/cluster/fit-cluster-master-0.log").decode() == log
 
 
+def test_a_pod_that_cannot_start_fails_the_step_after_the_start_timeout(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, cfg = ex.config(steps=["extract", "cluster"], POD_START_TIMEOUT_S=3, POD_CHECK_INTERVAL_S=1)
+    message = 'Back-off pulling image "clusterfit/clusterfit:typo"'
+    backoff = container_status(
+        "clusterfit/clusterfit:typo", {"waiting": {"reason": "ImagePullBackOff", "message": message}}
+    )
+    stuck = Script(hold=threading.Event(), pod_status={"phase": "Pending", "containerStatuses": [backoff]})
+    started = time.monotonic()
+    with FakeOperator(ex, cfg, {"extract": stuck}) as operator:
+        assert ex.submit(config) == 1
+        waited_s = time.monotonic() - started
+    # The job itself never failed (it would have waited for activeDeadlineSeconds): the controller did.
+    assert 3 <= waited_s < 30, waited_s
+    assert operator.names() == ["fit-extract"]  # no later step
+    err = capsys.readouterr().err
+    assert (
+        "step extract failed: PyTorchJob fit-extract: pod fit-extract-master-0 container pytorch: ImagePullBackOff"
+        in err
+    )
+    assert message in err and "POD_START_TIMEOUT_S=3" in err
+
+
+def test_the_log_and_reason_of_a_crashed_pod_survive_its_deletion(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, cfg = ex.config(steps=["cluster", "train"], POD_CHECK_INTERVAL_S=1)
+    log = "".join(f"assigning part {i}\n" for i in range(80)) + "Killed\n"
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    restarted = {**container_status("clusterfit:test", {"running": {}}, restarts=1), "lastState": oom}
+    failed = ("PyTorchJobFailed", "PyTorchJob fit-cluster is failed because 1 Master replica(s) failed.")
+    crash = Script(
+        fail=failed,
+        hold=threading.Event(),
+        log=log,
+        pod_status={"phase": "Running", "containerStatuses": [restarted]},
+        delete_pods=True,  # the operator's cleanPodPolicy Running: the log would be gone with the pod
+    )
+    store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
+    saved = "logs/cluster/fit-cluster-master-0.log"
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, {"cluster": crash}, kubelet) as operator:
+        thread, result = ex.submit_in_background(config)
+        wait_for(lambda: store.exists(saved))  # seen while the job still ran
+        assert crash.hold is not None
+        crash.hold.set()
+        thread.join(timeout=60)
+    assert result == [1]
+    assert operator.names() == ["fit-cluster"]
+    err = capsys.readouterr().err
+    assert "pod fit-cluster-master-0 container pytorch: terminated OOMKilled (exit code 137)" in err
+    assert "last 50 lines of pod fit-cluster-master-0:" in err and "    Killed" in err
+    assert store.get_bytes(saved).decode() == log
+    # `clusterfit logs` finds the saved log although the pod is gone.
+    assert commands.cli_logs([f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path), "cluster"]) == 0
+    assert capsys.readouterr().out.endswith("Killed\n")
+
+
 def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Experiment) -> None:
     config, cfg = ex.config()
     hold = threading.Event()
@@ -238,9 +298,9 @@ def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(
     class StaleFirstWatch(Kube):  # as after a long disconnect: the server answers 410 Gone
         stale = True
 
-        def watch_job(self, name: str, resource_version: str) -> Any:
+        def watch_job(self, name: str, resource_version: str, timeout_s: int | None = None) -> Any:
             resource_version, StaleFirstWatch.stale = ("1" if self.stale else resource_version), False
-            return super().watch_job(name, resource_version)
+            return super().watch_job(name, resource_version, timeout_s)
 
     _, cfg = ex.config(steps=["extract"])
     caplog.set_level(logging.INFO)

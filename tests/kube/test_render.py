@@ -26,9 +26,11 @@ from clusterfit.kube.manifests import (
 )
 from tests.infra.controlplane import REPO_ROOT, ControlPlane
 from tests.kube.helpers_manifests import (
+    CI_VALUES,
     FAKE_ACCESS_KEY,
     FAKE_SECRET,
     assert_valid_pytorchjob,
+    chart_objects,
     crd_errors,
     load_docs,
     render,
@@ -400,3 +402,68 @@ def test_the_api_server_accepts_every_rendered_and_example_object(
     bad["spec"]["runPolicy"]["backofLimit"] = 1
     status, body = server_dry_run(control_plane, bad, namespace)
     assert status >= 400 and "backofLimit" in str(body), body
+
+
+# The training operator v1.9's built-in init-container template (pkg/controller.v1/pytorch/initcontainer.go):
+# no securityContext, so it runs as the image's user (root in busybox/alpine).
+OPERATOR_DEFAULT_INIT = """
+- name: init-pytorch
+  image: {{.InitContainerImage}}
+  imagePullPolicy: IfNotPresent
+  resources:
+    limits: {cpu: 100m, memory: 20Mi}
+    requests: {cpu: 50m, memory: 10Mi}
+  command: ['sh', '-c', 'until nslookup {{.MasterAddr}}; do sleep 2; done']
+"""
+INIT_TEMPLATE = REPO_ROOT / "k8s" / "training-operator" / "initContainer.yaml"
+
+
+def injected_init_containers(template: str, master: str) -> list[dict[str, Any]]:
+    """What the operator adds to a Worker pod from an init-container template (its Go template fields)."""
+    values = {"{{.InitContainerImage}}": "busybox:1.36", "{{.MaxTries}}": "100", "{{.MasterAddr}}": master}
+    for field_, value in values.items():
+        template = template.replace(field_, value)
+    return list(yaml.safe_load(template))
+
+
+def as_pod(template: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": copy.deepcopy(template["spec"])}
+
+
+def test_every_pod_we_create_is_admitted_by_a_restricted_namespace(
+    control_plane: ControlPlane, namespace: str, helm_bin: Path, tmp_path: Path
+) -> None:
+    # The API server's PodSecurity admission is the oracle: it enforces the standard the label names.
+    labels = {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    status, body = control_plane.request(
+        "PATCH", f"/api/v1/namespaces/{namespace}", labels, content_type="application/merge-patch+json"
+    )
+    assert status == 200, body
+    pods: list[dict[str, Any]] = []
+    for job in [o for o in render(MULTINODE, tmp_path / "multinode") if o["kind"] == "PyTorchJob"]:
+        name, replicas = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+        pods.append(as_pod(replicas["Master"]["template"], f"{name}-master-0"))
+        worker = as_pod(replicas["Worker"]["template"], f"{name}-worker-0")
+        worker["spec"]["initContainers"] = injected_init_containers(INIT_TEMPLATE.read_text(), f"{name}-master-0")
+        pods.append(worker)
+    chart = chart_objects(helm_bin, "-f", str(CI_VALUES / "default-values.yaml"))
+    (controller_job,) = [o for o in chart if o["kind"] == "Job"]
+    pods.append(as_pod(controller_job["spec"]["template"], "controller"))
+    pods += [o for o in chart if o["kind"] == "Pod"]  # the chart's `helm test` pod
+    for pod in pods:
+        status, body = server_dry_run(control_plane, pod, namespace)
+        assert status == 201, f"pod {pod['metadata']['name']}: {status} {body}"
+    # With the operator's own template, the Worker pods of every multi-node job would be refused.
+    worker = copy.deepcopy(pods[1])
+    worker["spec"]["initContainers"] = injected_init_containers(OPERATOR_DEFAULT_INIT, "x-master-0")
+    status, body = server_dry_run(control_plane, worker, namespace)
+    assert status == 403 and "init-pytorch" in str(body) and "runAsNonRoot" in str(body), body
+
+
+def test_worker_pods_leave_the_operators_init_container_free_to_run_as_its_image_user() -> None:
+    # A pod-level runAsNonRoot binds the injected init container too; the kubelet then refuses to start
+    # a root image (busybox, alpine) and the Worker never leaves Init.
+    job = build_step_job(config_from_args(MULTINODE), "train", config_map_name="cm")
+    template = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert "runAsNonRoot" not in template["securityContext"]
+    assert container(job, "Worker")["securityContext"]["runAsNonRoot"] is True
