@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,15 @@ CRD_NAME = "pytorchjobs.kubeflow.org"
 PYTORCHJOBS_PATH = "/apis/kubeflow.org/v1/pytorchjobs"
 ADMIN_USER = "clusterfit-admin"
 DEFAULT_USERS = {"controller": "clusterfit-controller"}
-_VERSION_KEYS = {"helm": "HELM_VERSION", "etcd": "ETCD_VERSION", "kube-apiserver": "KUBERNETES_VERSION"}
+_KUBE_TOOLS = ["kube-apiserver", "kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"]
+_VERSION_KEYS = {
+    "helm": "HELM_VERSION",
+    "etcd": "ETCD_VERSION",
+    **dict.fromkeys(_KUBE_TOOLS, "KUBERNETES_VERSION"),
+    "coredns": "COREDNS_VERSION",
+    "training-operator": "TRAINING_OPERATOR_VERSION",
+    "minio": "MINIO_VERSION",
+}
 
 
 class ControlPlaneError(RuntimeError):
@@ -78,13 +87,15 @@ def bin_cache_dir() -> Path:
 
 
 def find_binary(tool: str) -> Path:
-    """Cached path of `tool` (helm, etcd, kube-apiserver) at its versions.env version; raises if absent."""
+    """Cached path of `tool` (helm, etcd, kube-apiserver, kubelet, ..., see build_bins.sh) at its
+    versions.env version; raises if absent."""
     if tool not in _VERSION_KEYS:
         raise ValueError(f"unknown tool {tool!r}; expected one of {sorted(_VERSION_KEYS)}")
     version = read_versions()[_VERSION_KEYS[tool]]
     path = bin_cache_dir() / f"{tool}-{version}" / tool
     if not (path.is_file() and os.access(path, os.X_OK)):
-        raise FileNotFoundError(f"{tool} {version} is not built ({path} is missing): {BUILD_HINT}")
+        hint = BUILD_HINT if tool in ("helm", "etcd", "kube-apiserver") else BUILD_HINT.replace(".sh`", ".sh node`")
+        raise FileNotFoundError(f"{tool} {version} is not built ({path} is missing): {hint}")
     return path
 
 
@@ -108,6 +119,22 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def spawn(
+    log: Path,
+    argv: list[str],
+    cwd: Path,
+    preexec: Callable[[], None] = _die_with_parent,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` with stdout and stderr appended to `log` (after a line naming the command)."""
+    with log.open("ab") as out:
+        out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+        out.flush()
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, preexec_fn=preexec, env=env
+        )
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -119,29 +146,74 @@ def _openssl(cert_dir: Path, args: str) -> None:
     subprocess.run(["openssl", *args.split()], cwd=cert_dir, check=True, capture_output=True)
 
 
-def _write_certs(cert_dir: Path) -> None:
-    """A CA, a serving cert for 127.0.0.1/localhost signed by it, and the service-account RSA key."""
+# openssl arguments for a new key: RSA as before, or EC P-256 (a hundred times faster to generate on a
+# busy 2-core machine, where each RSA key takes most of a second).
+_NEWKEY = {"rsa": "-newkey rsa:2048", "ec": "-newkey ec -pkeyopt ec_paramgen_curve:P-256"}
+# The service-account key: kube-apiserver reads EC keys only in SEC1 form ("EC PRIVATE KEY"), not
+# PKCS#8 ("data does not contain any valid RSA or ECDSA public keys").
+_SA_KEY = {
+    "rsa": "genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key",
+    "ec": "ecparam -name prime256v1 -genkey -noout -out sa.key",
+}
+
+
+def _write_certs(cert_dir: Path, address: str = "127.0.0.1", sans: Sequence[str] = (), key_alg: str = "rsa") -> None:
+    """A CA, a serving cert for `address`/localhost (+ `sans`, "IP:..."/"DNS:...") signed by it, and the
+    service-account key."""
+    names = ",".join(dict.fromkeys([f"IP:{address}", "IP:127.0.0.1", "DNS:localhost", *sans]))
     (cert_dir / "serving.ext").write_text(
         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"subjectAltName={names}\n"
     )
+    newkey = _NEWKEY[key_alg]
     for args in [
-        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=clusterfit-test-ca -keyout ca.key -out ca.crt",
-        "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout serving.key -out serving.csr",
+        f"req -x509 {newkey} -nodes -days 2 -subj /CN=clusterfit-test-ca -keyout ca.key -out ca.crt",
+        f"req {newkey} -nodes -subj /CN={address} -keyout serving.key -out serving.csr",
         "x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile serving.ext"
         " -out serving.crt",
-        "genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key",
+        _SA_KEY[key_alg],
     ]:
         _openssl(cert_dir, args)
 
 
 class ControlPlane:
-    """etcd + kube-apiserver in a temp dir on free loopback ports; see the module docstring."""
+    """etcd + kube-apiserver in a temp dir on free loopback ports; see the module docstring.
 
-    def __init__(self, users: dict[str, str] | None = None, start_timeout_s: float = 180.0) -> None:
+    The keyword-only options exist for tests/infra/node.py, which runs this control plane for a real
+    node: `address`/`port` (bind and advertise; default 127.0.0.1 and a free port), `sans` (more
+    subjectAltNames for the serving cert), `groups` (token name -> groups of that user),
+    `apiserver_args` (flag name -> value, replacing or adding to the defaults; None drops a flag),
+    `base_dir` (use this folder, which stop() then leaves in place), `preexec` (runs in each child
+    instead of the parent-death signal), `key_alg` ("rsa" or "ec"), `install_crd` (False: the caller
+    runs install_crd() when it suits it)."""
+
+    def __init__(
+        self,
+        users: dict[str, str] | None = None,
+        start_timeout_s: float = 180.0,
+        *,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        sans: Sequence[str] = (),
+        groups: Mapping[str, Sequence[str]] | None = None,
+        apiserver_args: Mapping[str, str | None] | None = None,
+        base_dir: Path | None = None,
+        preexec: Callable[[], None] | None = None,
+        key_alg: str = "rsa",
+        install_crd: bool = True,
+    ) -> None:
         self.users = dict(DEFAULT_USERS if users is None else users)  # token name -> user name
         self.start_timeout_s = start_timeout_s
+        self.address = address
+        self.groups = {name: list(g) for name, g in (groups or {}).items()}
+        self._fixed_port = port
+        self._sans = list(sans)
+        self._apiserver_args = dict(apiserver_args or {})
+        self._base_dir = base_dir
+        self._preexec = preexec or _die_with_parent
+        self._key_alg = key_alg
+        self._with_crd = install_crd
         self.dir = Path()
         self.server = ""
         self.kubeconfig_path = Path()
@@ -162,19 +234,24 @@ class ControlPlane:
         t0 = time.monotonic()
         etcd_bin, apiserver_bin = find_binary("etcd"), find_binary("kube-apiserver")
         self._apiserver_bin = apiserver_bin
-        self.dir = Path(tempfile.mkdtemp(prefix="clusterfit-controlplane-"))
+        if self._base_dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="clusterfit-controlplane-"))
+        else:
+            self.dir = self._base_dir
+            self.dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
         try:
             (self.dir / "certs").mkdir()
-            _write_certs(self.dir / "certs")
+            _write_certs(self.dir / "certs", self.address, self._sans, self._key_alg)
             self._ssl = ssl.create_default_context(cafile=str(self.dir / "certs" / "ca.crt"))
             self._write_tokens()
             self._start_etcd(etcd_bin)
-            self._port = free_port()
-            self.server = f"https://127.0.0.1:{self._port}"
+            self._port = self._fixed_port or free_port()
+            self.server = f"https://{self.address}:{self._port}"
             self._start_apiserver()
             self.kubeconfig_path = self.kubeconfig_for(self.admin_token, name="admin")
-            self._install_crd()
+            if self._with_crd:
+                self.install_crd()
         except BaseException:
             self.stop(keep_dir=True)  # the logs stay for a post-mortem; the error names the dir
             raise
@@ -189,7 +266,7 @@ class ControlPlane:
         self._stop(self._etcd)
         self._etcd = None
         atexit.unregister(self.stop)
-        keep = keep_dir or os.environ.get("CLUSTERFIT_KEEP_CONTROLPLANE")
+        keep = keep_dir or os.environ.get("CLUSTERFIT_KEEP_CONTROLPLANE") or self._base_dir is not None
         if self.dir != Path() and self.dir.exists() and not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -224,13 +301,9 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca}}
-            ],
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca}}],
             "users": [{"name": name, "user": {"token": token}}],
-            "contexts": [
-                {"name": name, "context": {"cluster": "test", "user": name, "namespace": "default"}}
-            ],
+            "contexts": [{"name": name, "context": {"cluster": "test", "user": name, "namespace": "default"}}],
             "current-context": name,
         }
         path = self.dir / f"kubeconfig-{name}"
@@ -293,24 +366,17 @@ class ControlPlane:
         self.user_tokens = {name: secrets.token_hex(16) for name in self.users}
         # token,user,uid,"group1,group2"
         rows = [f'{self.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"']
-        rows += [f"{self.user_tokens[name]},{user},{user}" for name, user in self.users.items()]
+        rows += [self._token_row(name, user) for name, user in self.users.items()]
         path = self.dir / "tokens.csv"
         path.write_text("\n".join(rows) + "\n")
         path.chmod(0o600)
 
+    def _token_row(self, name: str, user: str) -> str:
+        row = f"{self.user_tokens[name]},{user},{user}"
+        return row + (f',"{",".join(self.groups[name])}"' if self.groups.get(name) else "")
+
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = self.dir / f"{name}.log"
-        with log.open("ab") as out:
-            out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
-            out.flush()
-            return subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.dir,
-                preexec_fn=_die_with_parent,
-            )
+        return spawn(self.dir / f"{name}.log", argv, cwd=self.dir, preexec=self._preexec)
 
     def _start_etcd(self, etcd_bin: Path) -> None:
         client_url = f"http://127.0.0.1:{free_port()}"
@@ -340,30 +406,30 @@ class ControlPlane:
 
     def _start_apiserver(self) -> None:
         certs = self.dir / "certs"
-        self._apiserver = self._spawn(
-            "kube-apiserver",
-            [
-                str(self._apiserver_bin),
-                f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self._port}",
-                f"--cert-dir={certs}",
-                f"--tls-cert-file={certs / 'serving.crt'}",
-                f"--tls-private-key-file={certs / 'serving.key'}",
-                f"--client-ca-file={certs / 'ca.crt'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                "--authorization-mode=RBAC",
-                # Without it, a SIGTERM waits up to the 60s request timeout for open watches.
-                "--shutdown-watch-termination-grace-period=1s",
-                "--disable-admission-plugins=ServiceAccount",
-                f"--token-auth-file={self.dir / 'tokens.csv'}",
-                f"--service-account-issuer={self.server}",
-                f"--service-account-key-file={certs / 'sa.key'}",
-                f"--service-account-signing-key-file={certs / 'sa.key'}",
-            ],
-        )
+        flags: dict[str, str | None] = {
+            "etcd-servers": self.etcd_url,
+            "bind-address": self.address,
+            "advertise-address": self.address,
+            "secure-port": str(self._port),
+            "cert-dir": str(certs),
+            "tls-cert-file": str(certs / "serving.crt"),
+            "tls-private-key-file": str(certs / "serving.key"),
+            "client-ca-file": str(certs / "ca.crt"),
+            "service-cluster-ip-range": "10.0.0.0/24",
+            "allow-privileged": "true",
+            "authorization-mode": "RBAC",
+            # Without it, a SIGTERM waits up to the 60s request timeout for open watches.
+            "shutdown-watch-termination-grace-period": "1s",
+            "disable-admission-plugins": "ServiceAccount",
+            "token-auth-file": str(self.dir / "tokens.csv"),
+            "service-account-issuer": self.server,
+            "service-account-key-file": str(certs / "sa.key"),
+            "service-account-signing-key-file": str(certs / "sa.key"),
+        }
+        # Replace, not append: list-valued flags given twice would accumulate.
+        flags.update(self._apiserver_args)
+        argv = [str(self._apiserver_bin)] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
+        self._apiserver = self._spawn("kube-apiserver", argv)
 
         def ready() -> bool:
             status, _ = self.request("GET", "/readyz", timeout_s=3)
@@ -371,11 +437,14 @@ class ControlPlane:
 
         self._wait("kube-apiserver", self._apiserver, ready)
 
-    def _install_crd(self) -> None:
+    def install_crd(self) -> None:
+        """Create the PyTorchJob CRD and wait until PyTorchJobs are served (start() does this unless
+        constructed with install_crd=False: the 650 kB CRD takes the API server seconds of CPU)."""
         crd_path = shared_dir() / "crds" / CRD_FILE
         if not crd_path.is_file():
             raise ControlPlaneError(f"PyTorchJob CRD not found at {crd_path} (set CLUSTERFIT_SHARED_DIR)")
-        crd = yaml.safe_load(crd_path.read_text())
+        # libyaml's loader when present: the pure-Python one takes seconds on this 650 kB file.
+        crd = yaml.load(crd_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         status, body = self.request(
             "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd, timeout_s=60
         )
@@ -383,9 +452,7 @@ class ControlPlane:
             raise ControlPlaneError(f"creating the CRD answered {status}: {str(body)[:2000]}")
 
         def established() -> bool:
-            _, got = self.request(
-                "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
-            )
+            _, got = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
             conditions = ((got.get("status") or {}).get("conditions") or []) if isinstance(got, dict) else []
             return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
@@ -414,8 +481,7 @@ class ControlPlane:
 
     def _logs_tail(self) -> str:
         return f"(logs in {self.dir})\n" + "\n".join(
-            f"---- tail of {p.name}\n{_tail(p)}"
-            for p in (self.dir / "etcd.log", self.dir / "kube-apiserver.log")
+            f"---- tail of {p.name}\n{_tail(p)}" for p in (self.dir / "etcd.log", self.dir / "kube-apiserver.log")
         )
 
     @staticmethod
