@@ -1,11 +1,12 @@
 # The two commands of the README's quick start, and what they stand on.
 #   make quickstart   set up .venv and run the whole pipeline on the digits quickstart (CPU)
-#   make test         set up .venv, build the test servers (cached), lint, type-check, run the tests
+#   make test         set up .venv, build the test servers (cached), lint, type-check, run every test:
+#                     the fast ones, then the pipeline on a real single-node Kubernetes cluster (root)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 
-.PHONY: quickstart test lint bench-cpu clean
+.PHONY: quickstart test unit e2e node-prep lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,13 +17,32 @@ $(VENV)/.installed: pyproject.toml
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/clusterfit run config=quickstart
 
+# The node's Go binaries and images build in the background from here on (prepare_node.sh), beside
+# the venv install and the fast tests; the node tests wait for them.
+node-prep:
+	bash tests/infra/prepare_node.sh start
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check clusterfit tests bench
+	$(VENV)/bin/ruff format --check clusterfit tests bench
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.installed lint
+# Everything CI runs: lint, the fast tests (real etcd, kube-apiserver, helm, S3), then the real node.
+test: node-prep $(VENV)/.installed lint
 	bash tests/infra/build_bins.sh
 	$(PY) -m pytest
+	bash tests/infra/prepare_node.sh wait
+	$(PY) -m pytest -m node tests/node
+
+# Only the fast tests (no root, no node).
+unit: $(VENV)/.installed lint
+	bash tests/infra/build_bins.sh
+	$(PY) -m pytest
+
+# Only the real-node tests: the cluster starts, the scenarios run, the cluster goes (root).
+e2e: $(VENV)/.installed
+	bash tests/infra/prepare_node.sh run
+	$(PY) -m pytest -m node tests/node
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cluster.py

@@ -26,9 +26,9 @@ import yaml
 from clusterfit.artifacts.layout import pod_log, step_folders
 from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Kube, KubeError, load_api_client
-from clusterfit.kube.controller import Controller, ControllerError, step_done
+from clusterfit.kube.controller import Controller, ControllerError, joined_logs, step_done
 from clusterfit.kube.manifests import CONTAINER, ManifestError, build_all, build_config_map, job_name
-from clusterfit.kube.status import condition_text, master_pod, verdict
+from clusterfit.kube.status import condition_text, master_pod, restarts, verdict
 from clusterfit.storage import StorageError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ def cli_logs(argv: list[str]) -> int:
         for line in kube.stream_log(pod, CONTAINER):
             print(line, flush=True)
         return 0
-    if kube.get_pod(pod) is None:  # gone: the copy the controller saved, if any
+    found = kube.get_pod(pod)
+    if found is None:  # gone: the copy the controller saved, if any
         store = experiment_store(cfg)
         if store.exists(pod_log(step, pod)):
             print(store.get_bytes(pod_log(step, pod)).decode(errors="replace"), end="")
@@ -256,7 +257,10 @@ def cli_logs(argv: list[str]) -> int:
         raise ControllerError(
             f"pod {pod} does not exist (yet, or any more) and no saved log is at {store.uri(pod_log(step, pod))}"
         )
-    print(kube.read_log(pod, CONTAINER, tail_lines=ns.tail), end="")
+    text = kube.read_log(pod, CONTAINER, tail_lines=ns.tail)
+    if restarts(found):  # the crash is what one looks for: the log of the container before the restart
+        text = joined_logs(kube.read_log(pod, CONTAINER, tail_lines=ns.tail, previous=True), text)
+    print(text, end="")
     return 0
 
 

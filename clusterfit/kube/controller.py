@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 RESTART_MARK = "\n---- the container restarted; the log of the new one follows ----\n"
 
 
+def joined_logs(crashed: str, current: str) -> str:
+    """A pod's log across a restart: the crashed container's, then the new one's (when it has written any)."""
+    if not crashed or crashed == current:
+        return current
+    return f"{crashed}{RESTART_MARK}{current}" if current else crashed
+
+
 class ControllerError(RuntimeError):
     """A step failed, was lost, or cannot be started; the message says why and what to do."""
 
@@ -275,8 +282,7 @@ class Controller:
             except KubeError as exc:
                 log.warning("step %s: cannot read the log of pod %s: %s", step, name, exc)
                 continue
-            crash = seen.crash_logs.get(name, "")
-            logs[name] = current if not crash or crash == current else f"{crash}{RESTART_MARK}{current}"
+            logs[name] = joined_logs(seen.crash_logs.get(name, ""), current)
             self.put_log(step, name, logs[name])
         return logs
 

@@ -97,21 +97,22 @@ CANNOT_START = (
 
 
 def start_problems(pods: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(pod, reason) -> what keeps the pod from starting: Unschedulable, or a container waiting on one of
-    CANNOT_START. Pods that are starting normally, running or finished are left out."""
+    """(pod, what: "scheduling" or a container's name) -> what keeps it from starting: Unschedulable, or
+    the container waiting on one of CANNOT_START. The key stays the same while a pull alternates
+    between ErrImagePull and ImagePullBackOff. Pods starting normally, running or finished are left out."""
     found: dict[tuple[str, str], str] = {}
     for pod in pods:
         name = pod["metadata"]["name"]
         status = pod.get("status") or {}
         for condition in status.get("conditions") or []:
             if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
-                found[(name, "Unschedulable")] = f"pod {name}: Unschedulable: {condition.get('message', '')}"
+                found[(name, "scheduling")] = f"pod {name}: Unschedulable: {condition.get('message', '')}"
         for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
             waiting = (container.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
             if reason in CANNOT_START:
                 where = f"pod {name} container {container.get('name')}"
-                found[(name, str(reason))] = f"{where}: {reason}: {waiting.get('message', '')}"
+                found[(name, str(container.get("name")))] = f"{where}: {reason}: {waiting.get('message', '')}"
     return found
 
 

@@ -222,53 +222,64 @@ expand_groups() {
   done | awk '!seen[$0]++'
 }
 
+# Build one unit, a tool or the Kubernetes tools together, under that unit's own lock: a run that needs
+# only some tools (the fast tests' base set) waits for those, not for a parallel run's whole list.
+build_unit() {  # $1: unit (kube, or the tool's name); $2...: its tools
+  local unit=$1 t version start cpu stale=()
+  shift
+  if command -v flock >/dev/null; then
+    exec 9>"$cache/.lock-$unit"
+    flock 9
+  fi
+  for t in "$@"; do
+    version=$(version_of "$t")
+    if is_current "$t" "$cache/$t-$version/$t" "$version"; then
+      log "$t $version: cached"
+    else
+      stale+=("$t")
+    fi
+  done
+  if ((${#stale[@]})); then
+    version=$(version_of "${stale[0]}")
+    log "${stale[*]} $version: building (this can take minutes)"
+    start=$SECONDS && read_cpu && cpu=$CPU
+    rm -rf "$tmp/out" && mkdir -p "$tmp/out"
+    if [[ $unit == kube ]]; then
+      build_kube "$tmp/out" "${stale[@]}"
+    else
+      "build_${unit//-/_}" "$tmp/out"
+    fi
+    for t in "${stale[@]}"; do install_tool "$t" "$tmp/out/$t"; done
+    read_cpu
+    log "${stale[*]} $version: built in $((SECONDS - start))s ($((CPU - cpu)) CPU-s)"
+  fi
+  exec 9>&-
+}
+
 main() {
-  local tools=() tool version start cpu stale=() kube_stale=() t
+  local tools=() tool kube=() others=() t
   (($#)) || set -- base
   for t in "$@"; do  # unknown names fail here, before any build starts
     [[ $t == base || $t == node || $t == all ]] || version_of "$t" >/dev/null
   done
   mapfile -t tools < <(expand_groups "$@")
   mkdir -p "$cache"
-  # One build at a time per cache, so parallel test runs do not race each other.
-  if command -v flock >/dev/null; then
-    exec 9>"$cache/.lock"
-    flock 9
-  fi
   tmp=$(mktemp -d "$cache/.build.XXXX")
   trap 'chmod -R u+w "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
   for tool in "${tools[@]}"; do
-    version=$(version_of "$tool")
-    if is_current "$tool" "$cache/$tool-$version/$tool" "$version"; then
-      log "$tool $version: cached"
-    elif is_kube_tool "$tool"; then
-      kube_stale+=("$tool")
-    else
-      stale+=("$tool")
-    fi
+    if is_kube_tool "$tool"; then kube+=("$tool"); else others+=("$tool"); fi
   done
-  if ((${#kube_stale[@]})); then
-    log "${kube_stale[*]} $KUBERNETES_VERSION: building (this can take many minutes)"
-    start=$SECONDS && read_cpu && cpu=$CPU
-    mkdir -p "$tmp/out"
-    build_kube "$tmp/out" "${kube_stale[@]}"
-    for t in "${kube_stale[@]}"; do install_tool "$t" "$tmp/out/$t"; done
-    read_cpu
-    log "${kube_stale[*]} $KUBERNETES_VERSION: built in $((SECONDS - start))s ($((CPU - cpu)) CPU-s)"
-  fi
-  for tool in "${stale[@]}"; do
-    version=$(version_of "$tool")
-    log "$tool $version: building (this can take minutes)"
-    start=$SECONDS && read_cpu && cpu=$CPU
-    mkdir -p "$tmp/out"
-    "build_${tool//-/_}" "$tmp/out"
-    install_tool "$tool" "$tmp/out/$tool"
-    read_cpu
-    log "$tool $version: built in $((SECONDS - start))s ($((CPU - cpu)) CPU-s)"
+  # The base set's small tools first, then the Kubernetes build (kube-apiserver is in the base set),
+  # then the node's other tools: a parallel run that waits for the base set is served early.
+  for tool in "${others[@]}"; do
+    if [[ $tool == helm || $tool == etcd ]]; then build_unit "$tool" "$tool"; fi
+  done
+  if ((${#kube[@]})); then build_unit kube "${kube[@]}"; fi
+  for tool in "${others[@]}"; do
+    if [[ $tool != helm && $tool != etcd ]]; then build_unit "$tool" "$tool"; fi
   done
   for tool in "${tools[@]}"; do
-    version=$(version_of "$tool")
-    echo "$cache/$tool-$version/$tool"
+    echo "$cache/$tool-$(version_of "$tool")/$tool"
   done
 }
 

@@ -30,7 +30,7 @@ from clusterfit.kube import commands
 from clusterfit.kube.client import GROUP, PLURAL, VERSION, Kube
 from clusterfit.kube.controller import Controller, ControllerError, plan
 from clusterfit.kube.manifests import build_config_map, job_name
-from clusterfit.kube.status import verdict
+from clusterfit.kube.status import start_problems, verdict
 from clusterfit.storage import open_store
 from tests.infra.controlplane import ControlPlane
 from tests.kube.helpers_controller import (
@@ -178,6 +178,28 @@ def test_failed_cluster_step_stops_the_pipeline_and_says_why(
     assert "iteration 50\n" not in err and "iteration 51\n" in err  # the tail, not the whole log
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     assert store.get_bytes("logs/cluster/fit-cluster-master-0.log").decode() == log
+
+
+def test_start_problems_keep_their_key_while_a_pull_alternates_between_its_reasons() -> None:
+    def pod(state: dict[str, Any], conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        status = {"containerStatuses": [container_status("x:1", state)], "conditions": conditions or []}
+        return {"metadata": {"name": "p"}, "status": status}
+
+    pulling = start_problems([pod({"waiting": {"reason": "ErrImagePull", "message": "no such host"}})])
+    backing_off = start_problems([pod({"waiting": {"reason": "ImagePullBackOff", "message": "back-off"}})])
+    assert list(pulling) == list(backing_off) == [("p", "pytorch")]
+    assert backing_off[("p", "pytorch")] == "pod p container pytorch: ImagePullBackOff: back-off"
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}
+    assert start_problems([pod({"waiting": {"reason": "ContainerCreating"}}, [unschedulable])]) == {
+        ("p", "scheduling"): "pod p: Unschedulable: 0/1 nodes"
+    }
+    # Starting normally, running, crashed (the job's backoffLimit ends a crash loop): no start problem.
+    for state in (
+        {"waiting": {"reason": "ContainerCreating"}},
+        {"running": {}},
+        {"waiting": {"reason": "CrashLoopBackOff"}},
+    ):
+        assert start_problems([pod(state)]) == {}
 
 
 def test_a_pod_that_cannot_start_fails_the_step_after_the_start_timeout(
