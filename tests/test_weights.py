@@ -98,7 +98,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path: Path) -> None:
     with pytest.raises(
         WeightsError,
         match=r"trunk\._feature_blocks\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, "
-              r"3\)",
+        r"3\)",
     ):
         load_weights(
             Network("resnet18"),
