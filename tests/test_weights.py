@@ -97,8 +97,8 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path: Path) -> None:
     torch.save(torchvision.models.get_model("resnet50", weights=None).state_dict(), tmp_path / "r50.pth")
     with pytest.raises(
         WeightsError,
-        match=r"trunk\._feature_blocks\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, "
-        r"3\)",
+        match=r"trunk\._feature_blocks\.layer1\.0\.conv1\.weight: "
+        r"checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)",
     ):
         load_weights(
             Network("resnet18"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -141,6 +142,11 @@ class Experiment:
         return commands.cli_submit(
             [f"config={config}", "--kubeconfig", str(kubeconfig or self.cp.kubeconfig_path), *extra]
         )
+
+    def submit_command(self, config: Path) -> list[str]:
+        """`clusterfit submit` as a command line (admin credentials), for a subprocess."""
+        kubeconfig = str(self.cp.kubeconfig_path)
+        return [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", kubeconfig]
 
     def submit_in_background(self, config: Path, *extra: str) -> tuple[threading.Thread, list[int]]:
         """`submit` in a daemon thread; the list receives its exit code."""

@@ -14,7 +14,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -264,15 +263,7 @@ def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Expe
     config, cfg = ex.config()
     hold = threading.Event()
     scripts = {"cluster": Script(hold=hold)}
-    command = [
-        sys.executable,
-        "-m",
-        "clusterfit",
-        "submit",
-        f"config={config}",
-        "--kubeconfig",
-        str(ex.cp.kubeconfig_path),
-    ]
+    command = ex.submit_command(config)
     with FakeOperator(ex, cfg, scripts) as operator:
         first = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert scripts["cluster"].running.wait(timeout=60), "the cluster step never started"
@@ -440,15 +431,7 @@ def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[st
 
 def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> None:
     config, cfg = ex.config(steps=["extract"])
-    command = [
-        sys.executable,
-        "-m",
-        "clusterfit",
-        "submit",
-        f"config={config}",
-        "--kubeconfig",
-        str(ex.cp.kubeconfig_path),
-    ]
+    command = ex.submit_command(config)
     with FakeOperator(ex, cfg, {"extract": Script(hold=threading.Event())}):
         detached = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         read_until(detached, "PyTorchJob fit-extract: Running")

@@ -1,6 +1,8 @@
 """The test node's images, for real: built with buildah (or taken from the cache), imported into a
 throwaway containerd (its own root, state and socket) and run there with `ctr run`, as the kubelet
-would run them. Needs root and the packages of tests/infra/install_node_deps.sh; fails without them.
+would run them; the 6 GB step image runs in a pod on the test node instead (it is imported there
+anyway, and once per machine: a second import of it here would cost minutes every run). Needs root
+and the packages of tests/infra/install_node_deps.sh; fails without them.
 
     .venv/bin/python -m pytest tests/node/test_images.py -m node
 
@@ -28,6 +30,8 @@ import yaml
 
 from tests.infra import images
 from tests.infra.images import ScratchContainerd
+from tests.infra.node import Cluster
+from tests.node.conftest import wait_for
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
 
@@ -39,6 +43,7 @@ OPERATOR_INIT_SCRIPT = (
 )
 PROJECT_INIT_TEMPLATE = images.REPO_ROOT / "k8s" / "training-operator" / "initContainer.yaml"
 UID = "10001"
+SCRATCH_IMAGES = [name for name in images.ALL if name != "step"]
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +65,17 @@ class Node(NamedTuple):
 
 @pytest.fixture(scope="module")
 def node(built: dict[str, images.Built]) -> Iterator[Node]:
-    """A throwaway containerd holding every image. An older image (the base) sits under the step
-    image's name first, so the step image is imported as an update (only the blobs containerd lacks),
-    the others whole."""
+    """A throwaway containerd holding every image but the step image. An older image (the base) sits
+    under the controller image's name first, so that one is imported as an update (only the blobs
+    containerd lacks), the others whole."""
     ctrd = ScratchContainerd(Path("/var/tmp") / f"ctrd-test-{time.monotonic_ns()}")
     ctrd.start()
     try:
-        ctrd.load(functools.partial(images.write_docker_archive, dataclasses.replace(built["base"], ref=images.STEP)))
+        older = dataclasses.replace(built["base"], ref=images.CONTROLLER)
+        ctrd.load(functools.partial(images.write_docker_archive, older))
         messages: list[str] = []
         start = time.monotonic()
-        names = images.import_images(ctrd.address, log=messages.append)
+        names = images.import_images(ctrd.address, SCRATCH_IMAGES, log=messages.append)
         print(f"imported every image in {time.monotonic() - start:.1f}s:", *messages, sep="\n  ")
         yield Node(ctrd, names, messages)
     finally:
@@ -91,16 +97,17 @@ def test_a_second_build_only_hashes(built: dict[str, images.Built]) -> None:
 
 def test_containerd_lists_every_image_and_a_second_import_skips(node: Node) -> None:
     listed = node.ctrd.ctr("images", "ls", "--quiet").split()
-    for short, spec in images.SPECS.items():
-        assert images.containerd_name(spec.ref, listed) == node.names[short]
+    for short in SCRATCH_IMAGES:
+        assert images.containerd_name(images.SPECS[short].ref, listed) == node.names[short]
     # The kubelet asks for unqualified references under Docker Hub's domain: the import names them so.
-    assert node.names["step"].endswith(f"/{images.STEP}") and node.names["step"] != images.STEP
+    controller = node.names["controller"]
+    assert controller.endswith(f"/{images.CONTROLLER}") and controller != images.CONTROLLER
     assert node.names["pause"] == images.PAUSE
-    assert [m for m in node.messages if m.startswith("step: imported (changed blobs)")], node.messages
+    assert [m for m in node.messages if m.startswith("controller: imported (changed blobs)")], node.messages
     assert [m for m in node.messages if m.startswith("cluster: imported (whole)")], node.messages
     messages: list[str] = []
     start = time.monotonic()
-    assert images.import_images(node.ctrd.address, log=messages.append) == node.names
+    assert images.import_images(node.ctrd.address, SCRATCH_IMAGES, log=messages.append) == node.names
     assert messages == [] and time.monotonic() - start < 60, messages
 
 
@@ -114,19 +121,39 @@ def test_an_exported_archive_imports_with_plain_ctr(node: Node, tmp_path: Path) 
     assert images.TOOLS in ok(subprocess.run([*ctr, "images", "ls", "--quiet"], capture_output=True, text=True))
 
 
-def test_step_image(node: Node) -> None:
-    assert ok(node.run("step", "clusterfit", "--version")).strip() == f"clusterfit {images.VERSION}"
-    assert "pretrain" in ok(node.run("step"))  # the image's own entrypoint and command: --help
-    assert ok(node.run("step", "id", "-u")).strip() == UID
-    code = "import torch, torchvision; print(torch.__version__.split('+')[0])"
-    version = ok(node.run("step", "python", "-c", code)).strip()
-    assert f"\ntorch=={version}\n" in (images.DOCKER / "requirements-step.txt").read_text()
+def test_step_image(cluster: Cluster, namespace: str) -> None:
+    # On the test node (see the module docstring), in a pod as the steps run: the image's own user.
+    (name,) = cluster.import_images(["step"]).values()
+    torch_version = "import torch, torchvision; print(torch.__version__.split('+')[0])"
     # Small as it can be: no caches, no build tools, nothing of the build left behind.
     leftovers = (
         "/root/.cache/pip /home/clusterfit/.cache/pip /wheels /tmp/src /tmp/requirements.txt /var/cache/apt/*.bin"
     )
-    check = f"for p in {leftovers}; do test -e $p && echo $p; done; ls /mnt; command -v gcc cc || true"
-    assert ok(node.run("step", "sh", "-c", check)).strip() == ""
+    script = (
+        f'clusterfit --version; id -u; python -c "{torch_version}"; '
+        f"for p in {leftovers}; do test -e $p && echo left: $p; done; ls /mnt; command -v gcc cc || true"
+    )
+    log = run_pod(cluster, namespace, name, ["sh", "-c", script])
+    version, uid, torch, *rest = log.splitlines()
+    assert version == f"clusterfit {images.VERSION}" and uid == UID
+    assert f"\ntorch=={torch}\n" in (images.DOCKER / "requirements-step.txt").read_text()
+    assert rest == [], rest
+
+
+def run_pod(cluster: Cluster, namespace: str, image: str, command: list[str]) -> str:
+    """Run one pod to completion (Never pulled: the image is on the node); its log."""
+    container = {"name": "main", "image": image, "imagePullPolicy": "Never", "command": command}
+    pod = {"metadata": {"name": "probe"}, "spec": {"restartPolicy": "Never", "containers": [container]}}
+    status, body = cluster.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+    assert status == 201, body
+
+    def phase() -> str:
+        return str(cluster.request("GET", f"/api/v1/namespaces/{namespace}/pods/probe")[1]["status"].get("phase"))
+
+    wait_for("the probe pod to finish", lambda: phase() in ("Succeeded", "Failed"), 300, cluster)
+    status, log = cluster.request("GET", f"/api/v1/namespaces/{namespace}/pods/probe/log")
+    assert status == 200 and phase() == "Succeeded", log
+    return str(log)
 
 
 def test_cluster_image_has_faiss_and_no_torch(node: Node) -> None:
