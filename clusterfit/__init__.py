@@ -12,7 +12,7 @@ The package:
     steps/      pretrain, extract, cluster, train, evaluate: one `run(cfg) -> Result` each
     pipeline    the steps in order (`clusterfit run`); cli: the `clusterfit` command
     data, models, weights, labels     datasets, ResNet trunks with feature taps, WEIGHTS_INIT, pseudo-labels
-    training, checkpoint, probes, report, kmeans, kmeans_torch    what the steps are made of
+    training, checkpoint, probes, linear_eval, report, kmeans, kmeans_torch    what the steps are made of
     runtime, distributed    ranks from env://, logging, progress; torch.distributed set-up
     kube/       PyTorchJob manifests, the controller, submit/status/logs/cancel/render (no torch)
 

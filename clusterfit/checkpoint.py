@@ -3,8 +3,12 @@
 The checkpoint object is written first, then the `latest.json` pointer is moved to it, so a reader
 never sees a half-written checkpoint (on S3 too); the newest KEEP_CHECKPOINTS are kept. A
 restarted step resumes from the pointer (Kubernetes restarts pods; a step must just continue).
-`final.pt` is the published network: its state dict under `classy_state_dict`, which
-MODEL.WEIGHTS_INIT loads with its defaults, and the config it was trained with.
+`final.pt` is the published network and the config it was trained with.
+
+The network is stored as VISSL stores it, so VISSL and MODEL.WEIGHTS_INIT load our files with their
+defaults: `classy_state_dict.base_model.model.trunk` holds the trunk without its `trunk.` prefix
+(`_feature_blocks.layer1.0.conv1.weight`), `….heads` head i's Linear as VISSL's one-layer `mlp`
+head (`i.clf.0.weight`). Format 1 held the flat state dict under `classy_state_dict`; it still loads.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +29,8 @@ from clusterfit.artifacts.layout import CHECKPOINTS, LATEST_POINTER, checkpoint_
 from clusterfit.config import Config
 from clusterfit.storage import NotFound, Store
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: the flat state dict under classy_state_dict
 KEEP_CHECKPOINTS = 2
 
 
@@ -58,7 +65,8 @@ def make_checkpoint(
     """The resumable state; `fingerprint` ties it to the config and inputs that produced it."""
     return {
         "format_version": CHECKPOINT_FORMAT,
-        "classy_state_dict": unwrap(model).state_dict(),
+        "type": "consolidated",  # VISSL's CheckpointItemType: one file, not shards
+        "classy_state_dict": vissl_classy_state(unwrap(model).state_dict()),
         "optimizer": optimizer.state_dict(),
         "scheduler": {"kind": "step", "epoch": state.epoch, "step": state.step},
         "epoch": state.epoch,
@@ -92,15 +100,15 @@ def load_latest(store: Store, folder: str) -> dict[str, Any] | None:
         return None
     data = store.get_bytes(f"{folder}/{pointer['checkpoint']}")
     ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
+    if ckpt.get("format_version") not in READABLE_FORMATS:
         found = ckpt.get("format_version")
-        raise RuntimeError(f"{store.uri(folder)}: checkpoint format {found} is not {CHECKPOINT_FORMAT}")
+        raise RuntimeError(f"{store.uri(folder)}: checkpoint format {found} is not one of {READABLE_FORMATS}")
     return ckpt
 
 
 def restore(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
     """Load the model, optimizer and RNG states of `ckpt`; the training state to continue from."""
-    unwrap(model).load_state_dict(ckpt["classy_state_dict"])
+    unwrap(model).load_state_dict(model_state(ckpt["classy_state_dict"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     return TrainState(ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"], list(ckpt["history"]))
@@ -110,7 +118,8 @@ def final_checkpoint(model: nn.Module, state: TrainState, cfg: Config) -> bytes:
     """`final.pt`: the trained network's state dict and the config it was trained with."""
     final = {
         "format_version": CHECKPOINT_FORMAT,
-        "classy_state_dict": unwrap(model).state_dict(),
+        "type": "consolidated",  # VISSL's CheckpointItemType: one file, not shards
+        "classy_state_dict": vissl_classy_state(unwrap(model).state_dict()),
         "config": cfg.model_dump(mode="json"),
         "epoch": state.epoch,
         "step": state.step,
@@ -118,3 +127,54 @@ def final_checkpoint(model: nn.Module, state: TrainState, cfg: Config) -> bytes:
     buffer = io.BytesIO()
     torch.save(final, buffer)
     return buffer.getvalue()
+
+
+# VISSL's name for head i's Linear: its `mlp` head with one layer is `clf = Sequential(Linear)`.
+_VISSL_HEAD = re.compile(r"(\d+)\.clf\.(\d+)\.")
+
+
+def vissl_classy_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """A Network's state dict (`trunk.…`, `heads.<i>.…`) as VISSL's `classy_state_dict`:
+    {"base_model": {"model": {"trunk": {"_feature_blocks.…": t}, "heads": {"<i>.clf.0.…": t}}, "meta": …}}."""
+    trunk: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        part, _, rest = name.partition(".")
+        if part == "trunk":
+            trunk[rest] = tensor
+        elif part == "heads":
+            index, _, param = rest.partition(".")
+            heads[f"{index}.clf.0.{param}"] = tensor
+        else:
+            raise ValueError(f"{name}: VISSL's layout holds only trunk.* and heads.* parameters")
+    return {"base_model": {"model": {"trunk": trunk, "heads": heads}, "meta": {"trunk": {}, "heads": []}}}
+
+
+def is_vissl_layout(classy: Mapping[str, Any]) -> bool:
+    """Whether `classy_state_dict` nests the network as VISSL does (base_model.model.trunk)."""
+    base = classy.get("base_model")
+    return isinstance(base, Mapping) and isinstance(base.get("model"), Mapping) and "trunk" in base["model"]
+
+
+def model_state(classy: Mapping[str, Any]) -> dict[str, Any]:
+    """`classy_state_dict` in our model's names, from VISSL's layout or from the flat one of format 1.
+
+    From VISSL's layout as VISSL's own loader reads it for a model that is not a feature extractor:
+    the trunk gets `trunk.` (a `base_model.` left by VISSL's evaluation wrapper dropped first), the
+    heads `heads.`; a head that is a one-layer `mlp` (`i.clf.0.`) becomes our Linear head `i.`."""
+    if not is_vissl_layout(classy):
+        return dict(classy)
+    model = classy["base_model"]["model"]
+    names = {f"trunk.{key.removeprefix('base_model.')}": value for key, value in model["trunk"].items()}
+    heads = model.get("heads")
+    heads = heads if isinstance(heads, Mapping) else {}  # VISSL's FSDP runs store a list of shards
+    layers: dict[str, set[str]] = {}
+    for key in heads:
+        if match := _VISSL_HEAD.match(key):
+            layers.setdefault(match[1], set()).add(match[2])
+    for key, value in heads.items():
+        match = _VISSL_HEAD.match(key)
+        if match and layers[match[1]] == {"0"}:
+            key = f"{match[1]}.{key[match.end() :]}"
+        names[f"heads.{key}"] = value
+    return names

@@ -8,12 +8,17 @@ Sources (`DATA.<SPLIT>.DATA_SOURCES`):
   RGB; TRAIN is every index with i % 5 != 0, TEST the rest.
 - `synthetic`: deterministic random images with 10 classes, for tests.
 
+`DATA.<SPLIT>.DATA_LIMIT` keeps N images chosen by `DATA_LIMIT_SAMPLING` (VISSL's seeded draw by
+default for folders and file lists), in dataset order. A TEST folder's class ids are TRAIN's, so a
+class missing from TEST shifts nothing. `images_identity` is what label files are checked against.
+
 Every item is `(image_tensor, dataset_index, ok)`; `ok` is False only for an unreadable image
 when `DATA.ON_BAD_IMAGE: skip`, otherwise such an image raises `BadImageError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable
@@ -32,6 +37,9 @@ from clusterfit.storage import Store, open_store, read_uri, split_uri
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# DATA_LIMIT_SAMPLING.METHOD auto: VISSL's random draw where the dataset order is by class or by a list
+# someone wrote; digits and synthetic are class-mixed already and keep their nested first-N subsets.
+RANDOM_LIMIT_SOURCES = ("disk_folder", "disk_filelist")
 
 
 class DatasetError(UserError, ValueError):
@@ -50,6 +58,9 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
     def load(self, index: int) -> Image.Image: ...
     def name(self, index: int) -> str: ...
+    def key(self, index: int) -> str:
+        """The image's name relative to the dataset root (where the data lives left out): what the dataset's
+        identity and the realignment of VISSL's label files go by."""
 
 
 @dataclass
@@ -78,6 +89,9 @@ class DigitsSource:
     def name(self, index: int) -> str:
         return f"digits[{self.partition}][{index}]"
 
+    def key(self, index: int) -> str:
+        return self.name(index)
+
 
 @dataclass
 class SyntheticSource:
@@ -103,6 +117,9 @@ class SyntheticSource:
     def name(self, index: int) -> str:
         return f"synthetic[{self.partition}][{index}]"
 
+    def key(self, index: int) -> str:
+        return self.name(index)
+
 
 class FileSource:
     """Images named by keys below one store root (a folder tree or a file list)."""
@@ -119,6 +136,9 @@ class FileSource:
     def name(self, index: int) -> str:
         return self.store.uri(self.keys[index])
 
+    def key(self, index: int) -> str:
+        return self.keys[index]
+
     def load(self, index: int) -> Image.Image:
         try:
             data = self.store.get_bytes(self.keys[index])
@@ -128,7 +148,9 @@ class FileSource:
             raise BadImageError(f"{self.name(index)}: cannot read image: {exc}") from exc
 
 
-def folder_source(path: str, cfg: Config, key: str) -> FileSource:
+def folder_source(path: str, cfg: Config, key: str, class_list: tuple[list[str], str] | None = None) -> FileSource:
+    """An ImageFolder tree; `class_list`: (the classes whose ids to use, the key naming where they come from)
+    instead of this tree's own."""
     store = open_store(path, cfg.STORAGE)
     if store.root.startswith("file:") and not Path(store.backend.root).is_dir():  # type: ignore[attr-defined]
         raise DatasetError(f"{key}: {path}: no such folder")
@@ -138,6 +160,8 @@ def folder_source(path: str, cfg: Config, key: str) -> FileSource:
             f"{key}: {path}: no images found in <root>/<class>/<image> layout ({', '.join(IMAGE_SUFFIXES)})"
         )
     classes = sorted({k.split("/", 1)[0] for k in keys})
+    if class_list is not None:
+        classes = known_classes(classes, class_list, f"{key}: {path}")
     class_index = {c: i for i, c in enumerate(classes)}
     # torchvision's order: by class, then by folder (a folder's own files before its subfolders'), then name.
     keys.sort(key=lambda k: (class_index[k.split("/", 1)[0]], k.rpartition("/")[0], k.rpartition("/")[2]))
@@ -169,6 +193,27 @@ def filelist_source(path: str, cfg: Config, key: str) -> FileSource:
     return FileSource(open_store(head, cfg.STORAGE), keys, targets, [])
 
 
+def known_classes(found: list[str], class_list: tuple[list[str], str], where: str) -> list[str]:
+    """`class_list`'s classes, once every class folder in `found` is one of them."""
+    classes, origin = class_list
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DatasetError(
+            f"{where}: class folder(s) {', '.join(map(repr, unknown[:10]))} not among the {len(classes)} classes of "
+            f"{origin}; class ids are TRAIN's, so every TEST class must be a TRAIN class"
+        )
+    return classes
+
+
+def train_class_list(cfg: Config) -> tuple[list[str], str] | None:
+    """TRAIN's classes and where they come from, when TRAIN is a folder tree (None otherwise)."""
+    train = cfg.split("TRAIN")
+    if train.source != "disk_folder" or len(train.DATA_PATHS) != 1:
+        return None
+    origin = f"DATA.TRAIN.DATA_PATHS={train.DATA_PATHS[0]}"
+    return folder_source(train.DATA_PATHS[0], cfg, "DATA.TRAIN.DATA_PATHS").classes, origin
+
+
 def build_source(cfg: Config, partition: str) -> ImageSource:
     split: DataSplitConfig = cfg.split(partition)
     key = f"DATA.{partition}"
@@ -182,27 +227,88 @@ def build_source(cfg: Config, partition: str) -> ImageSource:
     else:
         if len(split.DATA_PATHS) != 1:
             raise DatasetError(f"{key}.DATA_PATHS: {split.source} needs exactly one path, got {split.DATA_PATHS}")
-        builder = folder_source if split.source == "disk_folder" else filelist_source
-        source = builder(split.DATA_PATHS[0], cfg, f"{key}.DATA_PATHS")
+        path = split.DATA_PATHS[0]
+        if split.source == "disk_folder":
+            # TEST's class ids are TRAIN's: a class TEST lacks must not shift the ids of the classes after it.
+            classes = train_class_list(cfg) if partition != "TRAIN" else None
+            source = folder_source(path, cfg, f"{key}.DATA_PATHS", classes)
+        else:
+            source = filelist_source(path, cfg, f"{key}.DATA_PATHS")
     if split.DATA_LIMIT >= 0:
-        source = Limited(source, split.DATA_LIMIT)
+        source = Subset(source, limit_indices(split, len(source), source.targets, key))
     return source
 
 
-class Limited:
-    def __init__(self, inner: ImageSource, limit: int) -> None:
+class Subset:
+    """The images of `inner` at `indices` (int64, ascending): what DATA_LIMIT keeps, in dataset order."""
+
+    def __init__(self, inner: ImageSource, indices: np.ndarray) -> None:
         self.inner = inner
-        self.size = min(limit, len(inner))
-        self.targets = inner.targets[: self.size] if inner.targets is not None else None
+        self.indices = indices
+        self.targets = inner.targets[indices] if inner.targets is not None else None
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.indices)
 
     def load(self, index: int) -> Image.Image:
-        return self.inner.load(index)
+        return self.inner.load(int(self.indices[index]))
 
     def name(self, index: int) -> str:
-        return self.inner.name(index)
+        return self.inner.name(int(self.indices[index]))
+
+    def key(self, index: int) -> str:
+        return self.inner.key(int(self.indices[index]))
+
+
+def limit_indices(split: DataSplitConfig, size: int, targets: np.ndarray | None, key: str) -> np.ndarray:
+    """The dataset indices (int64, ascending) DATA_LIMIT keeps out of `size`, as DATA_LIMIT_SAMPLING says."""
+    sampling = split.DATA_LIMIT_SAMPLING
+    method = sampling.METHOD
+    if method == "auto":
+        method = "random" if split.source in RANDOM_LIMIT_SOURCES else "first"
+    skip, limit = sampling.SKIP_NUM_SAMPLES, split.DATA_LIMIT
+    if method == "first":
+        return np.arange(min(skip, size), min(skip + limit, size), dtype=np.int64)
+    if sampling.IS_BALANCED:
+        if targets is None:
+            raise DatasetError(
+                f"{key}.DATA_LIMIT_SAMPLING.IS_BALANCED: balanced sampling needs ground-truth labels, and "
+                f"{key} ({split.source}) has none; set it to false"
+            )
+        return balanced_sample(targets, limit, skip, sampling.SEED, key)
+    return random_sample(size, limit, skip, sampling.SEED)
+
+
+def random_sample(size: int, limit: int, skip: int, seed: int) -> np.ndarray:
+    """VISSL's unbalanced_sub_sampling, sorted: numpy's legacy seeded draw of skip + limit of `size` indices
+    without replacement, the first `skip` dropped. (That draw is a prefix of one permutation, so capping
+    it at `size` keeps the same images.)"""
+    drawn = np.random.RandomState(seed).choice(size, min(skip + limit, size), replace=False)
+    return np.sort(drawn[skip:]).astype(np.int64)
+
+
+def balanced_sample(targets: np.ndarray, limit: int, skip: int, seed: int, key: str) -> np.ndarray:
+    """VISSL's balanced_sub_sampling, sorted: per class in id order, one seeded stream, `limit // classes`
+    images (one more for the first `limit % classes` classes), after skipping likewise."""
+    classes = np.unique(targets)
+    take, take_rest = divmod(limit, len(classes))
+    drop, drop_rest = divmod(skip, len(classes))
+    if take == 0:
+        raise DatasetError(
+            f"{key}.DATA_LIMIT={limit}: balanced sampling needs at least one image per class ({len(classes)} classes)"
+        )
+    rng = np.random.RandomState(seed)
+    kept = []
+    for i, label in enumerate(classes):
+        members = np.flatnonzero(targets == label)
+        wanted = take + (i < take_rest) + drop + (i < drop_rest)
+        if wanted > len(members):
+            raise DatasetError(
+                f"{key}.DATA_LIMIT={limit}: class {int(label)} has {len(members)} images, fewer than the {wanted} "
+                "a balanced draw needs (with SKIP_NUM_SAMPLES); lower DATA_LIMIT or set IS_BALANCED: false"
+            )
+        kept.append(rng.choice(members, wanted, replace=False)[drop + (i < drop_rest) :])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
 class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, bool]]):
@@ -260,5 +366,20 @@ def dataset_identity(cfg: Config, partition: str) -> dict[str, Any]:
     split = cfg.split(partition)
     return {
         "partition": partition,
-        "split": split.model_dump(mode="json", exclude={"LABEL_PATHS", "BATCHSIZE_PER_REPLICA"}),
+        "split": split.model_dump(mode="json", exclude={"LABEL_PATHS", "TRUST_LABEL_ORDER", "BATCHSIZE_PER_REPLICA"}),
     }
+
+
+def images_identity(source: ImageSource) -> dict[str, Any]:
+    """Which images, in which order: their count and the sha256 of their root-relative names, one per line,
+    in dataset order. The one definition: extract records it, cluster keeps it beside each label file,
+    and training refuses labels recorded for another identity."""
+    digest = hashlib.sha256()
+    for index in range(len(source)):
+        digest.update(source.key(index).encode() + b"\n")
+    return {"num_images": len(source), "images_sha256": digest.hexdigest()}
+
+
+def subset_indices(source: ImageSource) -> np.ndarray | None:
+    """The indices (int64) DATA_LIMIT kept in the full dataset; None when the split is whole."""
+    return source.indices if isinstance(source, Subset) else None

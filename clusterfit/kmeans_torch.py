@@ -1,6 +1,7 @@
 """k-means in torch: Lloyd iterations as matrix products, on the GPU when there is one.
 
-For where faiss is not installed. Empty clusters are repaired the way faiss does it: an empty
+For where faiss is not installed. Lloyd only, like faiss.Kmeans: CLUSTERFIT.ALGORITHM auto runs
+it (recorded as such), superkmeans is refused by the config. Empty clusters are repaired the way faiss does it: an empty
 centroid takes a copy of a populous one (chosen with probability proportional to its size), the
 two are pushed apart by a small symmetric perturbation, and the points are split between them.
 """

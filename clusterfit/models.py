@@ -88,6 +88,11 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def amp_enabled(use_amp: bool, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast: MODEL.AMP_PARAMS.USE_AMP on CUDA; never on CPU."""
+    return use_amp and device.type == "cuda"
+
+
 @torch.inference_mode()
 def forward_features(
     model: Network,
@@ -95,7 +100,13 @@ def forward_features(
     layers: list[str],
     pool_size: int,
     fmt: torch.memory_format = torch.contiguous_format,
+    *,
+    amp: bool = False,
 ) -> dict[str, np.ndarray]:
-    """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size."""
-    taps = model.trunk.taps(images.contiguous(memory_format=fmt), layers)
-    return {name: pool_features(taps[name], pool_size).float().cpu().numpy() for name in layers}
+    """{layer: float32 (B, D)} for a batch; feature maps are average-pooled to pool_size.
+
+    amp: the trunk runs under bf16 autocast on the images' device; pooling is done in float32.
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        taps = model.trunk.taps(images.contiguous(memory_format=fmt), layers)
+    return {name: pool_features(taps[name].float(), pool_size).cpu().numpy() for name in layers}

@@ -1,16 +1,20 @@
 """How evaluate measures frozen features, and when a difference counts: kNN top-1 (all labels and
-low-shot), a linear probe, cluster/label agreement, and the noise band of a comparison.
+low-shot), a linear probe, cluster/label agreement, and the paired
+test of a comparison (McNemar on the same test images; a paired bootstrap for low-shot).
 
-Small pure functions over arrays: features are float32 (n, D), labels int64 (n,), accuracies in %.
+Small pure functions over arrays: features are float32 (n, D), labels int64 (n,), accuracies in %,
+per-image correctness bool (n_test,) (stored packed in metrics.json: `pack_correct`).
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binom
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 from torch.nn import functional as F
@@ -57,17 +61,45 @@ def measure(
     subsets: dict[int, list[np.ndarray]],
     device: torch.device,
 ) -> dict[str, Any]:
-    """One row of the evaluation: kNN top-1 with all labels and per low-shot count, and linear top-1."""
+    """One row of the evaluation: kNN top-1 with all labels and per low-shot count, and linear top-1; with each
+    metric's per-image correctness under "correct" (a list over the draws for low-shot)."""
     (x_train, y_train), (x_test, y_test) = train, test
-    knn = knn_top1(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device)
+    knn = knn_correct(x_train, y_train, x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device)
+    correct: dict[str, Any] = {"knn_top1": pack_correct(knn)}
     low_shot = {}
     for n, sets in subsets.items():
-        per_draw = [knn_top1(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device) for s in sets]
+        draws = [knn_correct(x_train[s], y_train[s], x_test, y_test, e.KNN_K, e.KNN_TEMPERATURE, device) for s in sets]
+        per_draw = [top1(d) for d in draws]
         low_shot[str(n)] = {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}
+        correct[f"knn_{n}shot_top1"] = [pack_correct(d) for d in draws]
     torch.manual_seed(seed)
-    linear = linear_probe_top1(train, test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY, device)
+    linear = linear_probe_correct(train, test, e.LINEAR_EPOCHS, e.LINEAR_LR, e.LINEAR_WEIGHT_DECAY, device)
+    correct["linear_top1"] = pack_correct(linear)
     dim = int(x_train.shape[1])
-    return {"model": model, "layer": layer, "dim": dim, "knn_top1": knn, "low_shot": low_shot, "linear_top1": linear}
+    return {
+        "model": model,
+        "layer": layer,
+        "dim": dim,
+        "knn_top1": top1(knn),
+        "low_shot": low_shot,
+        "linear_top1": top1(linear),
+        "correct": correct,
+    }
+
+
+def top1(correct: np.ndarray) -> float:
+    """Top-1 (%) from per-image correctness."""
+    return 100.0 * float(np.mean(correct))
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """bool (n,) -> base64 of its bits: 50,000 test images take 8 kB of metrics.json."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    """The inverse of pack_correct: bool (n,)."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8), count=n).astype(bool)
 
 
 def knn_top1(
@@ -79,26 +111,40 @@ def knn_top1(
     temperature: float,
     device: torch.device = CPU,
 ) -> float:
-    """Top-1 (%) of a cosine kNN with exp(sim / T)-weighted votes (Wu et al. 2018, as in DINO); queries in blocks
-    of 1024."""
+    """Top-1 (%) of `knn_correct`."""
+    return top1(knn_correct(x_train, y_train, x_test, y_test, k, temperature, device))
+
+
+def knn_correct(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    k: int,
+    temperature: float,
+    device: torch.device = CPU,
+) -> np.ndarray:
+    """bool (n_test,): is each test image's class the cosine kNN's, with exp(sim / T)-weighted votes (Wu et al.
+    2018, as in DINO); queries in blocks of 1024."""
     bank = F.normalize(torch.from_numpy(x_train).float().to(device), dim=1)
     queries = F.normalize(torch.from_numpy(x_test).float().to(device), dim=1)
     labels = torch.from_numpy(y_train).to(device)
     classes = int(max(y_train.max(), y_test.max())) + 1
     k = min(k, len(bank))
-    correct = 0
+    predicted = []
     for start in range(0, len(queries), 1024):
         sims, idx = (queries[start : start + 1024] @ bank.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
         votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, labels[idx], weights)
-        correct += int((votes.argmax(1).cpu().numpy() == y_test[start : start + 1024]).sum())
-    return 100.0 * correct / len(y_test)
+        predicted.append(votes.argmax(1).cpu().numpy())
+    return np.concatenate(predicted) == y_test
 
 
-def linear_probe_top1(
+def linear_probe_correct(
     train: Split, test: Split, epochs: int, lr: float, weight_decay: float, device: torch.device = CPU
-) -> float:
-    """Top-1 (%) of a linear classifier (SGD, cosine LR, batches of 256) on standardised frozen features."""
+) -> np.ndarray:
+    """bool (n_test,): a linear classifier's (SGD, cosine LR, batches of 256) correctness on standardised frozen
+    features."""
     (x_train, y_train), (x_test, y_test) = train, test
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xtr = torch.from_numpy((x_train - mean) / std).float().to(device)
@@ -118,7 +164,7 @@ def linear_probe_top1(
             optimizer.step()
             scheduler.step()
     with torch.no_grad():
-        return 100.0 * float((head(xte).argmax(1).cpu().numpy() == y_test).mean())
+        return np.asarray(head(xte).argmax(1).cpu().numpy() == y_test)
 
 
 def agreement(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -130,40 +176,86 @@ def agreement(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def metric_values(row: dict[str, Any]) -> dict[str, tuple[int | None, float, list[float]]]:
-    """metric name -> (labelled images per class or None for all, top-1 %, per-draw values; [] when there is one
-    value)."""
-    out: dict[str, tuple[int | None, float, list[float]]] = {"knn_top1": (None, row["knn_top1"], [])}
-    out |= {f"knn_{n}shot_top1": (int(n), v["top1"], v["per_draw"]) for n, v in row.get("low_shot", {}).items()}
-    return out | {"linear_top1": (None, row["linear_top1"], [])}
+# ---------------------------------------------------------------------------------------------
+# When a difference counts: paired tests on the same test images, and the spread over seeds.
 
 
-def noise_band(value: float, reference: float, draws: list[float], ref_draws: list[float], n_test: int) -> float:
-    """Twice the standard error of `value - reference` (in points): the binomial error of both top-1s on
-    n_test images, plus, with paired per-draw values, the standard error of their mean difference."""
-    p1, p2 = reference / 100.0, value / 100.0
-    variance = (p1 * (1 - p1) + p2 * (1 - p2)) / max(n_test, 1) * 1e4
-    if len(draws) > 1:
-        variance += float(np.var(np.subtract(draws, ref_draws), ddof=1)) / len(draws)
-    return 2.0 * math.sqrt(variance)
+def mcnemar(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
+    """McNemar's test on paired per-image correctness (bool (n,) each): b images only ours gets right, c only
+    theirs; under "no difference" b ~ Binomial(b + c, 1/2). Two-sided exact p and mid-p (the exact p less the
+    probability of the observed split, which keeps the level closer to nominal; Fagerland et al. 2013)."""
+    b = int(np.sum(ours & ~theirs))
+    c = int(np.sum(~ours & theirs))
+    n, low = b + c, min(b, c)
+    if n == 0:
+        return {"b": 0, "c": 0, "exact_p": 1.0, "p_value": 1.0}
+    tail, point = float(binom.cdf(low, n, 0.5)), float(binom.pmf(low, n, 0.5))
+    exact, mid = min(1.0, 2.0 * tail), min(1.0, 2.0 * tail - point)
+    return {"b": b, "c": c, "exact_p": exact, "p_value": mid}
 
 
-def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
-    """ClusterFit vs. the starting model (else the random trunk) per layer and metric, with a verdict:
-    better or worse only beyond the noise band, else within noise."""
+def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of the top-1 difference (points) for bool (draws, n) correctness of both models on the
+    same draws and test images: each resample draws draws and images with replacement. Two-sided p: twice the
+    share of resampled differences on the far side of zero."""
+    diff = ours.astype(np.float32) - theirs.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    draws, n = diff.shape
+    deltas = np.empty(resamples)
+    for i in range(resamples):
+        rows = diff[rng.integers(0, draws, draws)]
+        deltas[i] = 100.0 * rows[:, rng.integers(0, n, n)].mean()
+    p_value = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {"p_value": p_value, "interval_95": [float(low), float(high)]}
+
+
+def metric_values(row: dict[str, Any]) -> dict[str, tuple[int | None, float]]:
+    """metric name -> (labelled images per class or None for all, top-1 %), for the metrics the row has."""
+    out: dict[str, tuple[int | None, float]] = {}
+    if "knn_top1" in row:
+        out["knn_top1"] = (None, row["knn_top1"])
+    out |= {f"knn_{n}shot_top1": (int(n), v["top1"]) for n, v in row.get("low_shot", {}).items()}
+    return out | {"linear_top1": (None, row["linear_top1"])}
+
+
+def correctness(row: dict[str, Any], metric: str, n_test: int) -> np.ndarray:
+    """bool (draws, n_test) of a row's metric (one draw for full-data metrics)."""
+    packed = row["correct"][metric]
+    return np.stack([unpack_correct(p, n_test) for p in (packed if isinstance(packed, list) else [packed])])
+
+
+def paired_test(ours: np.ndarray, theirs: np.ndarray, seed: int) -> dict[str, Any]:
+    """McNemar mid-p for one correctness vector per model, else a paired bootstrap over images and draws."""
+    if len(ours) == 1:
+        return {"test": "McNemar mid-p", **mcnemar(ours[0], theirs[0])}
+    return {"test": "paired bootstrap", **paired_bootstrap(ours, theirs, seed=seed)}
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any], str]]:
+    """(layer, ClusterFit's row, its reference's row, the reference's name) per layer both have; the reference is
+    the starting model, else the random trunk."""
     by_key = {(r["model"], r["layer"]): r for r in rows}
     reference = "start" if any(r["model"] == "start" for r in rows) else "random"
+    return [
+        (layer, row, by_key[(reference, layer)], reference)
+        for (model, layer), row in by_key.items()
+        if model == "clusterfit" and (reference, layer) in by_key
+    ]
+
+
+def compare(rows: list[dict[str, Any]], n_test: int, alpha: float = 0.05, seed: int = 0) -> list[dict[str, Any]]:
+    """ClusterFit vs. its reference (`pairs`) per layer and metric, with a verdict from a paired test on the same
+    test images: better or worse when p < alpha, else within noise."""
     out = []
-    for (model, layer), row in by_key.items():
-        base = by_key.get((reference, layer))
-        if model != "clusterfit" or base is None:
-            continue
-        ours, theirs = metric_values(row), metric_values(base)
-        for metric, (shots, value, draws) in ours.items():
-            _, ref_value, ref_draws = theirs[metric]
-            noise = noise_band(value, ref_value, draws, ref_draws, n_test)
+    for layer, row, base, reference in pairs(rows):
+        theirs = metric_values(base)
+        for metric, (shots, value) in metric_values(row).items():
+            ref_value = theirs[metric][1]
+            test = paired_test(correctness(row, metric, n_test), correctness(base, metric, n_test), seed)
             delta = value - ref_value
-            verdict = "better" if delta > noise else "worse" if delta < -noise else "within noise"
+            real = test["p_value"] < alpha
+            verdict = "better" if real and delta > 0 else "worse" if real and delta < 0 else "within noise"
             out.append(
                 {
                     "layer": layer,
@@ -173,8 +265,41 @@ def compare(rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
                     "reference_value": ref_value,
                     "clusterfit": value,
                     "delta": delta,
-                    "noise_2se": noise,
+                    **test,
                     "verdict": verdict,
                 }
             )
     return out
+
+
+def seed_spread(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation (ddof=1) over training seeds, per layer and metric, of ClusterFit's top-1, its
+    reference's and their difference; `runs` are metrics.json dicts of the same experiment with other seeds."""
+    values: dict[tuple[str, str, int | None], list[tuple[float, float]]] = {}
+    for metrics in runs:
+        for layer, row, base, _ in pairs(metrics["rows"]):
+            theirs = metric_values(base)
+            for metric, (shots, value) in metric_values(row).items():
+                values.setdefault((layer, metric, shots), []).append((value, theirs[metric][1]))
+    out = []
+    for (layer, metric, shots), found in values.items():
+        ours, theirs_ = np.array(found).T
+        out.append(
+            {
+                "layer": layer,
+                "metric": metric,
+                "shots": shots,
+                "seeds": len(found),
+                "clusterfit_mean": float(ours.mean()),
+                "clusterfit_std": sample_std(ours),
+                "reference_mean": float(theirs_.mean()),
+                "delta_mean": float((ours - theirs_).mean()),
+                "delta_std": sample_std(ours - theirs_),
+            }
+        )
+    return out
+
+
+def sample_std(values: np.ndarray) -> float:
+    """Standard deviation with ddof=1; 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

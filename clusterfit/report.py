@@ -119,6 +119,11 @@ def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
 
 
 def table_md(metrics: dict[str, Any]) -> list[str]:
+    if metrics.get("protocol") == "vissl_linear":
+        lines = ["| model | layer | dim | VISSL linear top-1 (%) |", "| --- | --- | ---: | ---: |"]
+        return lines + [
+            f"| {r['model']} | {r['layer']} | {r['dim']} | {r['linear_top1']:.2f} |" for r in metrics["rows"]
+        ]
     shots = list(metrics["rows"][0].get("low_shot", {})) if metrics["rows"] else []
     head = ["model", "layer", "dim", "kNN top-1 (%)", *(f"kNN {n}-shot top-1 (%)" for n in shots), "linear top-1 (%)"]
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
@@ -147,22 +152,46 @@ def verdict_summary(metrics: dict[str, Any]) -> str:
     )
 
 
+def metric_name(metric: str, shots: int | None, protocol: str) -> str:
+    if shots:
+        return f"kNN {shots}-shot top-1"
+    if metric == "linear_top1":
+        return "VISSL linear top-1" if protocol == "vissl_linear" else "linear top-1"
+    return "kNN top-1"
+
+
+def evidence(c: dict[str, Any]) -> str:
+    """The paired test behind a verdict, in words."""
+    if c["test"] == "McNemar mid-p":
+        return f"McNemar mid-p {c['p_value']:.2g}: {c['b']} images only ClusterFit gets right, {c['c']} only the other"
+    low, high = c["interval_95"]
+    return f"paired bootstrap p {c['p_value']:.2g}, 95% interval {low:+.2f}..{high:+.2f}"
+
+
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
-    lines = []
-    for c in metrics["comparison"]:
-        name = (
-            f"kNN {c['shots']}-shot top-1"
-            if c.get("shots")
-            else "linear top-1"
-            if c["metric"] == "linear_top1"
-            else "kNN top-1"
-        )
+    protocol = metrics.get("protocol", "quick")
+    return [
+        f"- {c['layer']} {metric_name(c['metric'], c.get('shots'), protocol)}: ClusterFit {c['clusterfit']:.2f}% "
+        f"vs. {c['reference']} {c['reference_value']:.2f}% ({c['delta']:+.2f} points; {evidence(c)}): "
+        f"**{c['verdict']}**"
+        for c in metrics["comparison"]
+    ]
+
+
+def seed_lines(metrics: dict[str, Any]) -> list[str]:
+    """The spread over training seeds (EVALUATE.OTHER_SEEDS), when there is one."""
+    spread = metrics.get("seed_spread")
+    if not spread:
+        return []
+    protocol = metrics.get("protocol", "quick")
+    lines = ["## Spread over training seeds", ""]
+    for s in spread:
+        name = metric_name(s["metric"], s["shots"], protocol)
         lines.append(
-            f"- {c['layer']} {name}: ClusterFit {c['clusterfit']:.2f}% vs. {c['reference']} "
-            f"{c['reference_value']:.2f}% "
-            f"({c['delta']:+.2f} points; noise band ±{c['noise_2se']:.2f}): **{c['verdict']}**"
+            f"- {s['layer']} {name}: ClusterFit {s['clusterfit_mean']:.2f} ± {s['clusterfit_std']:.2f}%, "
+            f"difference {s['delta_mean']:+.2f} ± {s['delta_std']:.2f} points over {s['seeds']} seeds"
         )
-    return lines
+    return [*lines, ""]
 
 
 def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]) -> str:
@@ -179,9 +208,10 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
         "",
         *verdict_lines(metrics),
         "",
-        "A difference counts only beyond twice its standard error (the test set's binomial error, and for low-shot "
-        "kNN also the spread "
-        "of the paired differences over the random labelled subsets); inside that band it is within seed noise.",
+        f"A difference counts when a paired test on the same {metrics['n_test']} test images finds it (p < "
+        f"{metrics.get('significance', 0.05)}): McNemar's mid-p on the images only one model gets right, and for "
+        "low-shot kNN a paired bootstrap over the images and the random labelled subsets; otherwise it is within "
+        "noise.",
         "",
         *(
             [
@@ -192,13 +222,17 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
             else []
         ),
         "",
-        "## Evaluation",
+        *seed_lines(metrics),
+        "## Evaluation" + (" (VISSL linear benchmark)" if metrics.get("protocol") == "vissl_linear" else ""),
         "",
         *table_md(metrics),
         "",
     ]
+    source = f" `{metrics['cluster_labels']}`" if "cluster_labels" in metrics else ""
     for split, values in metrics["clusters"].items():
-        parts.append(f"Cluster labels vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}")
+        parts.append(
+            f"Training labels{source} vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}"
+        )
     parts.append("")
     for title, name in images:
         parts += [f"## {title}", "", f"![{title}]({name})", ""]
@@ -248,17 +282,19 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str, Any]) -> None:
-    folder = cluster_folder(cfg)
-    manifest = artifacts.read_manifest(store, folder)
-    stats = artifacts.load_json(store, folder, CLUSTER_STATS, manifest)
-    labels = artifacts.load_array(store, folder, LABELS, manifest)
-    distances = artifacts.load_array(store, folder, DISTANCES, manifest)
-    images = [
-        ("Cluster sizes", CLUSTER_SIZES_PNG),
-        ("Example images per cluster (nearest to the centroid first)", CLUSTER_EXAMPLES_PNG),
-    ]
-    ledger.put_bytes(CLUSTER_SIZES_PNG, cluster_sizes_png(stats))
-    ledger.put_bytes(CLUSTER_EXAMPLES_PNG, cluster_examples_png(cfg, labels, distances))
+    images: list[tuple[str, str]] = []
+    if not cfg.DATA.TRAIN.LABEL_PATHS:  # else training used other labels than the experiment's clusters
+        folder = cluster_folder(cfg)
+        manifest = artifacts.read_manifest(store, folder)
+        stats = artifacts.load_json(store, folder, CLUSTER_STATS, manifest)
+        labels = artifacts.load_array(store, folder, LABELS, manifest)
+        distances = artifacts.load_array(store, folder, DISTANCES, manifest)
+        images += [
+            ("Cluster sizes", CLUSTER_SIZES_PNG),
+            ("Example images per cluster (nearest to the centroid first)", CLUSTER_EXAMPLES_PNG),
+        ]
+        ledger.put_bytes(CLUSTER_SIZES_PNG, cluster_sizes_png(stats))
+        ledger.put_bytes(CLUSTER_EXAMPLES_PNG, cluster_examples_png(cfg, labels, distances))
     curves = histories(store)
     if curves:
         ledger.put_bytes(TRAINING_CURVES_PNG, curves_png(curves))

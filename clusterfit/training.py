@@ -26,6 +26,7 @@ from clusterfit import artifacts, distributed
 from clusterfit.artifacts.layout import FINAL_CHECKPOINT, METRICS_LOG
 from clusterfit.checkpoint import TrainState, final_checkpoint, load_latest, make_checkpoint, restore, save_checkpoint
 from clusterfit.config import Config, OptimizerConfig
+from clusterfit.models import amp_enabled
 from clusterfit.runtime import Interrupted, progress
 from clusterfit.storage import Store
 
@@ -59,16 +60,27 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.SGD(param_groups(model, opt), lr=opt.BASE_LR, momentum=opt.MOMENTUM, nesterov=opt.NESTEROV)
 
 
-def peak_lr(opt: OptimizerConfig, global_batch: int) -> float:
+def peak_lr(opt: OptimizerConfig, global_batch: float) -> float:
     """BASE_LR scaled linearly by global batch / BASE_LR_BATCH_SIZE (Goyal et al.) when AUTO_SCALE_LR."""
     return opt.BASE_LR * global_batch / opt.BASE_LR_BATCH_SIZE if opt.AUTO_SCALE_LR else opt.BASE_LR
 
 
 def lr_at(epoch: float, opt: OptimizerConfig, global_batch: int, num_nodes: int) -> float:
-    """LR at a fractional epoch: linear warm-up (when it applies), then x GAMMA at each milestone."""
+    """LR at a fractional epoch: linear warm-up (when it applies), then x GAMMA at each milestone.
+
+    WARMUP_SCHEDULE "vissl" is VISSL's composite schedule with update_interval epoch: the LR of a whole
+    epoch is its value at the epoch's start, and the warm-up goes from the LR of one node's batch
+    (global_batch / num_nodes) to the scaled LR, so it vanishes on one node. "zero_per_step" ramps from
+    about 0 at every step.
+    """
     top = peak_lr(opt, global_batch)
     warmup = opt.WARMUP_EPOCHS if (num_nodes > 1 or not opt.WARMUP_MULTI_NODE_ONLY) else 0
-    if epoch < warmup:
+    if opt.WARMUP_SCHEDULE == "vissl":
+        epoch = math.floor(epoch)
+        if epoch < warmup:
+            start = peak_lr(opt, global_batch / num_nodes)
+            return start + (top - start) * epoch / warmup
+    elif epoch < warmup:
         return top * (epoch + 1e-3) / warmup
     return top * opt.GAMMA ** sum(epoch >= m for m in opt.MILESTONES)
 
@@ -289,7 +301,7 @@ def epoch_context(
         optimizer=optimizer,
         loss_fn=nn.CrossEntropyLoss(),
         device=dist.device,
-        amp=dist.device.type == "cuda" and cfg.MODEL.AMP_PARAMS.USE_AMP,
+        amp=amp_enabled(cfg.MODEL.AMP_PARAMS.USE_AMP, dist.device),
         lr_fn=lr_fn,
         batches_per_epoch=(len(job.dataset) // dist.world_size) // job.batch_size,
         batch_fn=job.batch_fn,

@@ -267,3 +267,93 @@ def test_corrupt_image_skipped_when_configured(tree_with_bad_images: Path) -> No
     assert torch.count_nonzero(items[0][0]) == 0 and torch.count_nonzero(items[1][0]) > 0
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch[1].tolist() == [0, 1, 2, 3] and batch[2].tolist() == [False, True, True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# DATA_LIMIT_SAMPLING and the class list of TEST
+
+
+def classes_tree(root: Path, classes: dict[str, int]) -> None:
+    write_tree(
+        root,
+        {f"{c}/{i:02d}.png": (n * 40, i * 9, 0) for n, (c, count) in enumerate(classes.items()) for i in range(count)},
+    )
+
+
+def test_data_limit_on_a_folder_samples_at_random_with_vissls_seeded_draw(tmp_path: Path) -> None:
+    classes_tree(tmp_path, {"a": 5, "b": 5, "c": 5, "d": 5})
+    split = {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path)]}
+    full = build_source(config("TRAIN", **split), "TRAIN")
+    cut = build_source(config("TRAIN", **split, DATA_LIMIT=8), "TRAIN")
+    # VISSL's unbalanced_sub_sampling: numpy's legacy seeded choice of SKIP + N indices without replacement.
+    oracle = np.sort(np.random.RandomState(0).choice(20, 8, replace=False))
+    assert [cut.name(i) for i in range(8)] == [full.name(int(i)) for i in oracle]
+    assert full.targets is not None and cut.targets is not None
+    np.testing.assert_array_equal(cut.targets, full.targets[oracle])
+    assert len(set(cut.targets.tolist())) > 2  # the first 8 images would be classes a and b only
+    reseeded = build_source(config("TRAIN", **split, DATA_LIMIT=8, DATA_LIMIT_SAMPLING={"SEED": 5}), "TRAIN")
+    assert [reseeded.name(i) for i in range(8)] != [cut.name(i) for i in range(8)]
+    skipped = build_source(config("TRAIN", **split, DATA_LIMIT=8, DATA_LIMIT_SAMPLING={"SKIP_NUM_SAMPLES": 3}), "TRAIN")
+    skip_oracle = np.sort(np.random.RandomState(0).choice(20, 11, replace=False)[3:])
+    assert [skipped.name(i) for i in range(8)] == [full.name(int(i)) for i in skip_oracle]
+
+
+def test_balanced_data_limit_gives_every_class_its_share(tmp_path: Path) -> None:
+    classes_tree(tmp_path, {"a": 9, "b": 3, "c": 6})
+    split = {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path)], "DATA_LIMIT": 7}
+    cut = build_source(config("TRAIN", **split, DATA_LIMIT_SAMPLING={"IS_BALANCED": True}), "TRAIN")
+    assert cut.targets is not None
+    assert np.bincount(cut.targets).tolist() == [3, 2, 2]  # differ by at most one, the remainder to the first
+
+
+def test_balanced_data_limit_needs_labels(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"x.png": (1, 2, 3), "y.png": (4, 5, 6)})
+    (tmp_path / "list.txt").write_text("x.png\ny.png\n")
+    cfg = config(
+        "TRAIN",
+        DATA_SOURCES=["disk_filelist"],
+        DATA_PATHS=[str(tmp_path / "list.txt")],
+        DATA_LIMIT=1,
+        DATA_LIMIT_SAMPLING={"IS_BALANCED": True},
+    )
+    with pytest.raises(DatasetError, match=r"DATA\.TRAIN\.DATA_LIMIT_SAMPLING\.IS_BALANCED"):
+        build_source(cfg, "TRAIN")
+
+
+def test_data_limit_first_images_when_asked(tmp_path: Path) -> None:
+    classes_tree(tmp_path, {"a": 5, "b": 5})
+    split = {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path)], "DATA_LIMIT": 4}
+    cut = build_source(config("TRAIN", **split, DATA_LIMIT_SAMPLING={"METHOD": "first"}), "TRAIN")
+    assert cut.targets is not None and cut.targets.tolist() == [0, 0, 0, 0]
+
+
+def test_test_class_ids_follow_the_train_class_list(tmp_path: Path) -> None:
+    classes_tree(tmp_path / "train", {"ant": 2, "bee": 2, "cow": 2})
+    classes_tree(tmp_path / "test", {"ant": 1, "cow": 1})  # no bee: cow must stay class 2
+    cfg = load_config(
+        overrides={
+            "DATA": {
+                "TRAIN": {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path / "train")]},
+                "TEST": {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path / "test")]},
+            }
+        }
+    )
+    test = build_source(cfg, "TEST")
+    assert test.targets is not None and test.targets.tolist() == [0, 2]
+
+
+def test_a_test_class_that_train_lacks_is_named(tmp_path: Path) -> None:
+    classes_tree(tmp_path / "train", {"ant": 2, "bee": 2})
+    classes_tree(tmp_path / "test", {"ant": 1, "emu": 1})
+    cfg = load_config(
+        overrides={
+            "DATA": {
+                "TRAIN": {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path / "train")]},
+                "TEST": {"DATA_SOURCES": ["disk_folder"], "DATA_PATHS": [str(tmp_path / "test")]},
+            }
+        }
+    )
+    with pytest.raises(DatasetError) as error:
+        build_source(cfg, "TEST")
+    assert "'emu'" in str(error.value) and str(tmp_path / "test") in str(error.value)
+    assert "DATA.TRAIN.DATA_PATHS" in str(error.value)

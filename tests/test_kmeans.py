@@ -48,10 +48,68 @@ def test_superkmeans_matches_lloyd_objective_at_high_dim() -> None:
     assert objective(x, superk.centroids) <= objective(x, lloyd.centroids) * 1.01
 
 
-def test_auto_chooses_by_shape() -> None:
-    assert kmeans.choose_algorithm("auto", 2048, on_gpu=False) == "superkmeans"
-    assert kmeans.choose_algorithm("auto", 256, on_gpu=False) == "lloyd"
-    assert kmeans.choose_algorithm("auto", 2048, on_gpu=True) == "lloyd"
+@pytest.mark.parametrize(
+    "version,k,dim,unit_sphere,expected",
+    [
+        ("1.15.1", 16000, 2048, True, "superkmeans"),  # ImageNet's K and res5: SuperKMeans's ground
+        ("1.14.3", 16000, 2048, True, "superkmeans"),  # the first release with it
+        ("1.14.1.post1", 16000, 2048, True, "lloyd"),  # the GPU image's faiss has no SuperKMeans
+        ("1.8.0", 16000, 2048, False, "lloyd"),
+        ("1.15.1", 2000, 2048, True, "lloyd"),  # faiss: not for near-unit-sphere data with k < 4096
+        ("1.15.1", 2000, 2048, False, "superkmeans"),
+        ("1.15.1", 500, 2048, False, "lloyd"),  # faiss: small k
+        ("1.15.1", 16000, 512, True, "lloyd"),  # our measurement: loses at small d
+    ],
+)
+def test_auto_chooses_by_faiss_version_k_and_dim(
+    version: str, k: int, dim: int, unit_sphere: bool, expected: str
+) -> None:
+    choice = kmeans.choose_algorithm(
+        "auto", backend="faiss", faiss_version=version, k=k, dim=dim, unit_sphere=unit_sphere
+    )
+    assert choice.algorithm == expected
+    record = choice.record()
+    assert record["requested"] == "auto" and record["faiss_version"] == version
+    assert (record["k"], record["dim"], record["algorithm"]) == (k, dim, expected) and record["reason"]
+
+
+def test_the_choice_does_not_depend_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same config gives the same algorithm whether faiss sees GPUs or not."""
+    chosen = []
+    for gpus in (0, 4):
+        monkeypatch.setattr(kmeans, "faiss_gpus", lambda gpus=gpus: gpus)
+        chosen.append(kmeans.plan("auto", "faiss", k=16000, dim=2048, unit_sphere=False).algorithm)
+    assert chosen[0] == chosen[1]
+
+
+@pytest.mark.parametrize(
+    "version,has", [("1.14.1.post1", False), ("1.14.2", False), ("1.14.3", True), ("1.15.0rc1", True), ("2.0", True)]
+)
+def test_superkmeans_arrived_in_faiss_1_14_3(version: str, has: bool) -> None:
+    assert kmeans.has_superkmeans(version) is has
+
+
+def test_explicit_superkmeans_on_an_old_faiss_names_the_key_and_the_version() -> None:
+    with pytest.raises(kmeans.KMeansError, match=r"CLUSTERFIT\.ALGORITHM.*1\.14\.1\.post1.*1\.14\.3"):
+        kmeans.choose_algorithm(
+            "superkmeans", backend="faiss", faiss_version="1.14.1.post1", k=16000, dim=2048, unit_sphere=True
+        )
+
+
+def test_torch_backend_runs_lloyd_and_refuses_superkmeans() -> None:
+    x = blobs(600, 8, 4, seed=6)
+    result = kmeans.train("torch", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="auto")
+    assert result.algorithm.startswith("torch-lloyd") and result.extra["algorithm_choice"]["algorithm"] == "lloyd"
+    with pytest.raises(kmeans.KMeansError, match="CLUSTER_BACKEND"):
+        kmeans.train("torch", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="superkmeans")
+
+
+def test_faiss_training_records_its_choice() -> None:
+    x = blobs(600, 8, 4, seed=7)
+    result = kmeans.train("faiss", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="auto")
+    choice = result.extra["algorithm_choice"]
+    assert choice["algorithm"] == "lloyd" and choice["faiss_version"] == kmeans.faiss_version()
+    assert result.algorithm == "faiss-lloyd"
 
 
 def test_torch_backend_repairs_empty_clusters_like_faiss() -> None:

@@ -1,15 +1,25 @@
-"""Evaluation's pieces: low-shot subsets, the noise band of a comparison, the checks before a run."""
+"""Evaluation's pieces: low-shot subsets, the paired test of a comparison, the checks before a run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from clusterfit.config import ConfigError
-from clusterfit.probes import compare, knn_top1, low_shot_subsets
+from clusterfit.probes import (
+    compare,
+    knn_top1,
+    low_shot_subsets,
+    mcnemar,
+    pack_correct,
+    seed_spread,
+    unpack_correct,
+)
 from clusterfit.steps.evaluate import pixel_features
 from tests.conftest import cli, tiny_overrides
 
@@ -49,35 +59,101 @@ def test_low_shot_knn_uses_only_the_subset_as_its_memory_bank() -> None:
     assert knn_top1(x, wrong, x, y, k=20, temperature=0.07) > 90.0
 
 
-def row(model: str, knn: float, per_draw: list[float]) -> dict:
-    return {
+def correct_vector(n: int, right: range | list[int]) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[list(right)] = True
+    return out
+
+
+def row(model: str, knn: np.ndarray, linear: np.ndarray, per_draw: list[np.ndarray]) -> dict:
+    """A metrics row as `measure` writes it, from per-image correctness (bool (n_test,) each)."""
+    draws = [100.0 * float(d.mean()) for d in per_draw]
+    out: dict[str, Any] = {
         "model": model,
         "layer": "res5avg",
         "dim": 4,
-        "knn_top1": knn,
-        "linear_top1": 90.0,
-        "low_shot": {"10": {"top1": float(np.mean(per_draw)), "std": float(np.std(per_draw)), "per_draw": per_draw}},
+        "knn_top1": 100.0 * float(knn.mean()),
+        "linear_top1": 100.0 * float(linear.mean()),
+        "low_shot": {},
+        "correct": {"knn_top1": pack_correct(knn), "linear_top1": pack_correct(linear)},
     }
+    if per_draw:
+        out["low_shot"] = {"10": {"top1": float(np.mean(draws)), "std": float(np.std(draws)), "per_draw": draws}}
+        out["correct"]["knn_10shot_top1"] = [pack_correct(d) for d in per_draw]
+    return out
 
 
-def test_a_low_shot_difference_counts_only_beyond_the_spread_of_its_paired_draws() -> None:
-    start = [70.0, 80.0, 60.0, 75.0, 65.0]
-    steady = [s + 6.0 for s in start]  # +6 on every subset
-    erratic = [s + d for s, d in zip(start, [30.0, -18.0, 25.0, -20.0, 13.0], strict=True)]  # +6 on average
-    n_test = 100_000  # the test set's binomial error all but vanishes: only the draws can make noise
+def test_mcnemar_mid_p_matches_the_binomial_tail_on_a_constructed_case() -> None:
+    # 100 test images: both right on 80, only ours on 10, only theirs on 2, both wrong on 8.
+    ours = correct_vector(100, [*range(80), *range(80, 90)])
+    theirs = correct_vector(100, [*range(80), 90, 91])
+    test = mcnemar(ours, theirs)
+    assert (test["b"], test["c"]) == (10, 2)
+    # X ~ Binomial(12, 1/2): exact p = 2 P(X <= 2) = 2 (1 + 12 + 66) / 4096; mid-p takes half of P(X = 2) = 66/4096.
+    assert test["exact_p"] == pytest.approx(158 / 4096)
+    assert test["p_value"] == pytest.approx(92 / 4096)
+    assert mcnemar(theirs, ours)["p_value"] == pytest.approx(92 / 4096)  # symmetric
+    assert mcnemar(correct_vector(20, range(5)), correct_vector(20, range(5, 10)))["p_value"] == pytest.approx(1.0)
+    assert mcnemar(ours, ours)["p_value"] == 1.0  # no discordant pair: no evidence either way
+
+
+def test_correctness_survives_the_json_round_trip_bit_for_bit() -> None:
+    flags = np.random.default_rng(0).random(1001) < 0.3
+    np.testing.assert_array_equal(unpack_correct(json.loads(json.dumps(pack_correct(flags))), 1001), flags)
+
+
+def test_a_gain_on_the_same_images_is_real_even_where_two_binomial_errors_would_call_it_noise() -> None:
+    n = 1000
+    theirs = correct_vector(n, range(900))
+    superset = correct_vector(n, range(920))  # +2 points: right on 20 more images, wrong on none they got right
+    # +2 points as 100 images gained and 80 lost: the same difference, no longer consistent (b=100, c=80: p ~ 0.16).
+    churn = correct_vector(n, [*range(40), *range(120, 1000)])
+    assert churn.sum() == 920
+    draws = [theirs] * 3
+    for ours, verdict in ((superset, "better"), (churn, "within noise")):
+        rows = [row("start", theirs, theirs, draws), row("clusterfit", ours, ours, draws)]
+        by_metric = {c["metric"]: c for c in compare(rows, n)}
+        for metric in ("knn_top1", "linear_top1"):
+            c = by_metric[metric]
+            assert c["delta"] == pytest.approx(2.0) and c["verdict"] == verdict, c
+            assert c["test"] == "McNemar mid-p"
+    rows = [row("start", superset, theirs, draws), row("clusterfit", theirs, theirs, draws)]
+    worse = {c["metric"]: c for c in compare(rows, n)}["knn_top1"]
+    assert worse["verdict"] == "worse" and worse["p_value"] < 1e-4 and worse["delta"] == pytest.approx(-2.0)
+
+
+def test_a_low_shot_verdict_is_a_paired_bootstrap_over_images_and_draws() -> None:
+    n, starts = 4000, (0, 100, 200, 300, 400)
+    base = [correct_vector(n, range(s, s + 1400)) for s in starts]  # 35 % on every draw
+    steady = [correct_vector(n, range(s, s + 1640)) for s in starts]  # +6 points on every draw
+    gains = [1200, -720, 1000, -800, 520]  # +6 points on average, but not consistently
+    erratic = [correct_vector(n, range(s, s + 1400 + g)) for s, g in zip(starts, gains, strict=True)]
+    ones = correct_vector(n, range(n))
     for per_draw, verdict in ((steady, "better"), (erratic, "within noise")):
-        result = compare([row("start", 90.0, start), row("clusterfit", 90.0, per_draw)], n_test)
+        result = compare([row("start", ones, ones, base), row("clusterfit", ones, ones, per_draw)], n)
         by_metric = {c["metric"]: c for c in result}
         assert sorted(by_metric) == ["knn_10shot_top1", "knn_top1", "linear_top1"]
         low = by_metric["knn_10shot_top1"]
         assert low["delta"] == pytest.approx(6.0) and low["verdict"] == verdict and low["shots"] == 10, low
-        assert by_metric["knn_top1"]["verdict"] == "within noise"
+        assert low["test"] == "paired bootstrap"
+        assert by_metric["knn_top1"]["verdict"] == "within noise"  # identical: no discordant image
 
 
-def test_the_binomial_band_alone_decides_full_data_metrics() -> None:
-    small, large = (compare([row("start", 90.0, [50.0]), row("clusterfit", 93.0, [50.0])], n) for n in (360, 10_000))
-    assert small[0]["metric"] == "knn_top1" and small[0]["verdict"] == "within noise"  # ±4.2 points on 360 images
-    assert large[0]["verdict"] == "better" and large[0]["noise_2se"] == pytest.approx(0.79, abs=0.01)
+def test_seed_spread_is_the_mean_and_std_of_per_seed_results() -> None:
+    n = 100
+    per_seed = []
+    for ours_right, theirs_right in ((50, 40), (52, 40), (54, 43)):
+        rows = [
+            row("start", correct_vector(n, range(theirs_right)), correct_vector(n, range(10)), []),
+            row("clusterfit", correct_vector(n, range(ours_right)), correct_vector(n, range(10)), []),
+        ]
+        per_seed.append({"rows": rows, "n_test": n})
+    spread = {s["metric"]: s for s in seed_spread(per_seed)}
+    knn = spread["knn_top1"]
+    assert knn["seeds"] == 3 and knn["layer"] == "res5avg"
+    assert knn["clusterfit_mean"] == pytest.approx(52.0) and knn["clusterfit_std"] == pytest.approx(2.0)
+    assert knn["delta_mean"] == pytest.approx(11.0) and knn["delta_std"] == pytest.approx(np.std([10, 12, 11], ddof=1))
+    assert spread["linear_top1"]["delta_std"] == 0.0
 
 
 def test_run_refuses_a_low_shot_count_the_data_cannot_give_before_any_step(tmp_path: Path) -> None:

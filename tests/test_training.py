@@ -23,10 +23,41 @@ def test_lr_scales_with_global_batch_and_steps_down_at_milestones() -> None:
     assert lr_at(104.0, VISSL, 256, 1) == pytest.approx(1e-5)
 
 
-def test_warm_up_only_when_multi_node() -> None:
-    assert lr_at(0.0, VISSL, 1024, num_nodes=4) < 0.01
-    assert lr_at(2.5, VISSL, 1024, 4) == pytest.approx(0.4 * 2.5 / 5, rel=1e-3)
-    assert lr_at(5.0, VISSL, 1024, 4) == pytest.approx(0.4)
+# VISSL's clusterfit_resnet_8gpu_imagenet on 4 nodes x 8 GPUs x 32 images (global batch 1024), worked
+# out by hand from its config and vissl/utils/hydra_config.py (get_scaled_lr_scheduler,
+# resolve_linear_schedule) with fvcore's composite/linear/multistep schedulers, updated once per
+# epoch: linear from 0.1 x per-node batch 256 / 256 = 0.1 to 0.1 x 1024 / 256 = 0.4 over the first
+# 5/105 of training ("rescaled"), then multistep 0.4, 0.04, ... at 30/60/90/100 ("fixed").
+VISSL_4_NODES = {0: 0.1, 1: 0.16, 2: 0.22, 3: 0.28, 4: 0.34, 5: 0.4, 29: 0.4, 30: 0.04, 60: 0.004, 90: 4e-4, 104: 4e-5}
+
+
+def test_four_nodes_warm_up_from_the_per_node_lr_once_per_epoch_as_vissl_does() -> None:
+    for epoch, lr in VISSL_4_NODES.items():
+        assert lr_at(epoch, VISSL, 1024, num_nodes=4) == pytest.approx(lr, rel=1e-5), epoch
+    # Set once per epoch: every step of epoch 2 (fractional epochs 2.0 .. 2.99) trains at epoch 2's LR.
+    for step_fraction in (0.0, 0.25, 0.5, 0.99):
+        assert lr_at(2 + step_fraction, VISSL, 1024, 4) == pytest.approx(0.22, rel=1e-5)
+
+
+def test_warm_up_starts_at_the_lr_of_one_nodes_batch() -> None:
+    # 2 nodes x 8 GPUs x 64 images: per-node batch 512 -> start 0.2, global 1024 -> 0.4.
+    expected = [0.2, 0.24, 0.28, 0.32, 0.36, 0.4]
+    assert [lr_at(e, VISSL, 1024, num_nodes=2) for e in range(6)] == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_node_has_no_warm_up_even_when_not_multi_node_only() -> None:
+    # VISSL drops the linear part on one node (start == end); WARMUP_MULTI_NODE_ONLY=false changes nothing.
+    always = OptimizerConfig(WARMUP_MULTI_NODE_ONLY=False)
+    assert [lr_at(e, always, 256, num_nodes=1) for e in (0, 0.5, 4.9, 29)] == pytest.approx([0.1] * 4)
+
+
+def test_warm_up_from_zero_every_step_is_kept_as_an_option() -> None:
+    ours = OptimizerConfig(WARMUP_SCHEDULE="zero_per_step")
+    assert lr_at(0.0, ours, 1024, num_nodes=4) < 0.001
+    assert lr_at(2.5, ours, 1024, 4) == pytest.approx(0.4 * 2.5 / 5, rel=1e-3)
+    assert lr_at(2.75, ours, 1024, 4) > lr_at(2.5, ours, 1024, 4)  # per step
+    assert lr_at(5.0, ours, 1024, 4) == pytest.approx(0.4)
+    assert lr_at(0.0, ours, 256, num_nodes=1) == pytest.approx(0.1)  # still multi-node only
 
 
 def test_no_weight_decay_on_batchnorm() -> None:

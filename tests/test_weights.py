@@ -152,3 +152,114 @@ def test_params_file_on_s3(s3_server, s3_bucket: str, s3_env, reference) -> None
     load_weights(fresh, WeightsInitConfig(PARAMS_FILE=f"{s3_bucket}/weights/rotnet.torch"), settings)
     with torch.inference_mode():
         assert torch.equal(fresh.trunk.taps(images, ["res5avg"])["res5avg"], expected["res5avg"])
+
+
+# ---------------------------------------------------------------------------------------------
+# VISSL parity (issue 14): SKIP_LAYERS on the model's names, prefixes under classy_state_dict,
+# STATE_DICT_KEY_NAME as a list, our own final.pt in VISSL's layout.
+
+
+def ddp_torchvision_checkpoint(net: Network) -> dict[str, torch.Tensor]:
+    """A torchvision state dict saved from a DistributedDataParallel wrapper: every key under `module.`."""
+    return {"module." + k: v for k, v in torchvision_checkpoint(net).items()}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "trunk._feature_blocks.layer4",  # the model's name, as VISSL matches SKIP_LAYERS
+        "module.layer4",  # the checkpoint's own name, before the prefixes: still honoured
+    ],
+)
+def test_skip_layers_matches_the_models_names_after_the_prefixes(tmp_path: Path, reference, pattern: str) -> None:  # type: ignore[no-untyped-def]
+    net, _, _ = reference
+    torch.save(ddp_torchvision_checkpoint(net), tmp_path / "ddp.pth")
+    fresh = Network("resnet18").eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    report = load_weights(
+        fresh,
+        WeightsInitConfig(
+            PARAMS_FILE=str(tmp_path / "ddp.pth"),
+            STATE_DICT_KEY_NAME="",
+            SKIP_LAYERS=["num_batches_tracked", pattern],
+            REMOVE_PREFIX="module.",
+            APPEND_PREFIX="trunk._feature_blocks.",
+        ),
+    )
+    after, loaded_from = fresh.state_dict(), net.state_dict()
+    layer4 = [k for k in after if k.startswith("trunk._feature_blocks.layer4.") and "num_batches" not in k]
+    layer3 = [k for k in after if k.startswith("trunk._feature_blocks.layer3.") and "num_batches" not in k]
+    assert layer4 and layer3
+    assert all(torch.equal(after[k], before[k]) for k in layer4)  # left as initialised
+    assert not any(torch.equal(after[k], loaded_from[k]) for k in layer4 if k.endswith("conv1.weight"))
+    assert all(torch.equal(after[k], loaded_from[k]) for k in layer3)
+    assert set(layer4) <= set(report.skipped) and not set(layer4) & set(report.loaded)
+    assert not set(layer4) & set(report.missing)  # skipped on purpose is not missing: no error
+
+
+@pytest.mark.parametrize(
+    "prefixes",
+    [
+        {"APPEND_PREFIX": "trunk."},  # VISSL's advice for a non-VISSL file, given for a VISSL one
+        {"REMOVE_PREFIX": "module.", "APPEND_PREFIX": "trunk.base_model._feature_blocks."},
+    ],
+)
+def test_prefixes_are_ignored_under_classy_state_dict_as_vissl_does(tmp_path: Path, reference, prefixes) -> None:  # type: ignore[no-untyped-def]
+    net, images, expected = reference
+    torch.save(vissl_checkpoint(net), tmp_path / "vissl.torch")
+    got = features_after_loading(tmp_path / "vissl.torch", images, STATE_DICT_KEY_NAME="classy_state_dict", **prefixes)
+    for layer in expected:
+        assert torch.equal(got[layer], expected[layer])
+
+
+def test_vissl_feature_extractor_trunk_names_load(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    # VISSL's linear-evaluation runs save the trunk as `base_model._feature_blocks.…`.
+    net, images, expected = reference
+    ckpt = vissl_checkpoint(net)
+    model = ckpt["classy_state_dict"]["base_model"]["model"]
+    model["trunk"] = {"base_model." + k: v for k, v in model["trunk"].items()}
+    torch.save(ckpt, tmp_path / "eval.torch")
+    got = features_after_loading(tmp_path / "eval.torch", images)
+    assert torch.equal(got["res5avg"], expected["res5avg"])
+
+
+@pytest.mark.parametrize(
+    "key_name, prefix",
+    [
+        (["model", "state_dict"], "trunk._feature_blocks."),  # VISSL's list of nested keys
+        ("model.state_dict", "trunk._feature_blocks."),  # our dotted string
+        (["classy_state_dict", "base_model", "model", "trunk"], "trunk."),  # the path VISSL's FSDP loader reads
+    ],
+)
+def test_state_dict_key_name_as_a_list_of_nested_keys(tmp_path: Path, reference, key_name, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    net, images, expected = reference
+    torch.save({"model": {"state_dict": torchvision_checkpoint(net)}, **vissl_checkpoint(net)}, tmp_path / "x.pt")
+    got = features_after_loading(tmp_path / "x.pt", images, STATE_DICT_KEY_NAME=key_name, APPEND_PREFIX=prefix)
+    for layer in expected:
+        assert torch.equal(got[layer], expected[layer])
+
+
+def test_a_wrong_key_in_the_list_names_the_key_and_the_path(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    net, _, _ = reference
+    torch.save({"model": {"state_dict": net.state_dict()}}, tmp_path / "x.pt")
+    with pytest.raises(WeightsError, match=r"x\.pt: .*STATE_DICT_KEY_NAME=\['model', 'weights'\]: key 'weights' "):
+        load_weights(
+            Network("resnet18"),
+            WeightsInitConfig(PARAMS_FILE=str(tmp_path / "x.pt"), STATE_DICT_KEY_NAME=["model", "weights"]),
+        )
+
+
+def test_our_final_checkpoint_loads_back_heads_included(tmp_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    from clusterfit.checkpoint import TrainState, final_checkpoint
+    from clusterfit.config import Config
+
+    net, images, expected = reference
+    trained = Network("resnet18", [7])
+    trained.load_state_dict(net.state_dict(), strict=False)
+    (tmp_path / "final.pt").write_bytes(final_checkpoint(trained, TrainState(epoch=2, step=10), Config()))
+    fresh = Network("resnet18", [7]).eval()
+    report = load_weights(fresh, WeightsInitConfig(PARAMS_FILE=str(tmp_path / "final.pt")))
+    assert not report.missing and not report.unexpected
+    assert torch.equal(fresh.heads[0].weight, trained.heads[0].weight)
+    with torch.inference_mode():
+        assert torch.equal(fresh.trunk.taps(images, ["res5avg"])["res5avg"], expected["res5avg"])

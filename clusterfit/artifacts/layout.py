@@ -1,7 +1,8 @@
 """Where every artifact lives under the experiment root: the one place folder and file names are spelled.
 
     features/<split>/<layer>/part-<rank>-<chunk>.npy (+ -index.npy)   extract, one chunk marker each
-    clusters/<layer>-k<K>/centroids.npy labels.npy distances.npy stats.json <split>/labels.npy
+    features/<split>/data_limit_indices.npy                           the images DATA_LIMIT kept
+    clusters/<layer>-k<K>/centroids.npy labels.npy distances.npy stats.json <split>/labels.npy [pca_*.npy]
     pretrain/ train/    final.pt metrics.jsonl latest.json checkpoints/e####-s#########.pt
     eval/               metrics.json report.md report.html *.png
     logs/<step>/<pod>.log                                                the controller's saved pod logs
@@ -34,7 +35,25 @@ CENTROIDS = "centroids.npy"
 LABELS = "labels.npy"
 DISTANCES = "distances.npy"
 CLUSTER_STATS = "stats.json"
+# With CLUSTERFIT.FEATURES.DIMENSIONALITY_REDUCTION: y = (x - mean) @ components.T, whitening folded in.
+PCA_MEAN = "pca_mean.npy"  # float32 (D,)
+PCA_COMPONENTS = "pca_components.npy"  # float32 (N, D)
 CLUSTER_WORK = "_work"
+
+# features/<split>/ when DATA_LIMIT keeps a subset: the kept images' indices (int64, ascending) in the whole
+# dataset; the manifest key names the file.
+DATA_LIMIT_INDICES = "data_limit_indices.npy"
+DATA_LIMIT_INDICES_KEY = "data_limit_indices"
+
+# Manifest keys with clusterfit.data.images_identity (which images, in which order): extract's for its split;
+# cluster's, per label file name, for the labels it wrote (what training checks LABEL_PATHS against).
+IMAGES_KEY = "images"
+LABELS_IMAGES_KEY = "labels_images"
+
+# VISSL's tools/cluster_features_and_label.py writes <prefix>_labels.npy (in extraction-shard order)
+# beside <prefix>_images.npy (each label's image path).
+VISSL_LABELS_SUFFIX = "_labels.npy"
+VISSL_IMAGES_SUFFIX = "_images.npy"
 
 # eval/
 EVAL_METRICS = "metrics.json"
@@ -98,6 +117,15 @@ def cluster_work(folder: str, fingerprint: str) -> str:
 
 def assignment_name(split: str, rank: int) -> str:
     return f"assign-{split}-rank{rank:05d}.npy"
+
+
+def vissl_image_list(labels_uri: str) -> str:
+    """The image list VISSL writes beside a label file: `x_labels.npy` -> `x_images.npy`, else `x_images.npy`
+    beside `x.npy`."""
+    stem = labels_uri.removesuffix(VISSL_LABELS_SUFFIX)
+    if stem == labels_uri:
+        stem = labels_uri.removesuffix(".npy")
+    return stem + VISSL_IMAGES_SUFFIX
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

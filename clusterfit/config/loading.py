@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from clusterfit.config.schema import Config
+from clusterfit.config.schema import Config, canonical_tree
 from clusterfit.errors import UserError
 
 
@@ -58,7 +59,8 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
         if not sep:
             raise ConfigError(f"argument {arg!r}: expected config=<name> or config.KEY.PATH=value")
         if key == "config":
-            name = raw
+            quoted = unquote(raw, key)
+            name = raw if quoted is None else quoted
             continue
         if not key.startswith("config.") or len(key) <= len("config."):
             raise ConfigError(f"argument {arg!r}: overrides are written config.KEY.PATH=value")
@@ -81,16 +83,46 @@ def field_annotation(path: list[str]) -> Any:
 
 
 def parse_value(raw: str, annotation: Any, key: str) -> Any:
-    """A command-line value as YAML, except that text fields keep the text as typed (NAME=2024 stays "2024")."""
+    """A command-line value: a quoted value is the text inside the quotes, as VISSL's (Hydra's) parser
+    reads it; anything else is YAML, except that text fields keep the text as typed (NAME=2024 stays
+    "2024"). A field that takes text or a list of text (STATE_DICT_KEY_NAME) gets a list only for [..]."""
+    quoted = unquote(raw, key)
+    if quoted is not None:
+        return quoted
     if annotation is str:
         return raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-    if annotation == list[str] and isinstance(value, list):
+    text_or_list = {str, list[str]} <= set(get_args(annotation))
+    if (annotation == list[str] or text_or_list) and isinstance(value, list):
         return [v if isinstance(v, str) else raw_item(v) for v in value]
+    if text_or_list and not isinstance(value, dict):
+        return raw
     return value
+
+
+# One quoted string: an opening quote, then characters or backslash escapes, then the same quote.
+_QUOTED = {q: re.compile(rf"{q}((?:[^{q}\\]|\\.)*){q}", re.DOTALL) for q in ("'", '"')}
+_ESCAPES = {q: re.compile(rf"(\\+)({q}|$)") for q in ("'", '"')}
+
+
+def unquote(raw: str, key: str) -> str | None:
+    """The text inside a quoted value (`"a b"`, `'x'`), or None when `raw` is not quoted. As in Hydra's
+    override grammar, a run of backslashes before a quote (or before the closing quote) is halved and
+    an odd one keeps the quote; other backslashes are kept. A value that opens a quote it never closes
+    (`"trunk.`) or that continues after it (`"a"b`) is an error, not a literal with quotes in it."""
+    if not raw or raw[0] not in _QUOTED:
+        return None
+    quote = raw[0]
+    match = _QUOTED[quote].fullmatch(raw)
+    if match is None:
+        raise ConfigError(
+            f"{key}: value {raw!r} opens a {quote} quotation it does not close at the end; quote the whole value "
+            f"(escape a {quote} inside it as \\{quote}) or leave the quotes out"
+        )
+    return _ESCAPES[quote].sub(lambda m: "\\" * (len(m[1]) // 2) + m[2], match[1])
 
 
 def raw_item(value: Any) -> str:
@@ -136,9 +168,9 @@ def load_config(name_or_path: str | None = None, overrides: Mapping[str, Any] | 
     """The validated config: the YAML file `name_or_path` (a name under configs/ or a path; None for
     the defaults) with `overrides` merged in. Override keys are dotted paths (`"CLUSTERFIT.N_ITER"`)
     or sections (`"CLUSTERFIT"` with a dict, merged); values are taken as given."""
-    tree: dict[str, Any] = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    tree: dict[str, Any] = canonical_tree(read_yaml(resolve_config_path(name_or_path))) if name_or_path else {}
     for key, value in (overrides or {}).items():
-        tree = deep_merge(tree, nested({}, key.split("."), value))
+        tree = deep_merge(tree, canonical_tree(nested({}, key.split("."), value)))
     return validate(tree, source=name_or_path or "<defaults>")
 
 
@@ -146,8 +178,8 @@ def config_from_args(args: Sequence[str]) -> Config:
     """The validated config from command-line arguments: `config=<name or path>` and any number of
     `config.A.B=value` (values parsed as YAML, text fields kept as typed), as VISSL takes them."""
     name, overrides = parse_overrides(list(args))
-    tree: dict[str, Any] = read_yaml(resolve_config_path(name)) if name else {}
-    return validate(deep_merge(tree, overrides), source=name or "<defaults>")
+    tree: dict[str, Any] = canonical_tree(read_yaml(resolve_config_path(name))) if name else {}
+    return validate(deep_merge(tree, canonical_tree(overrides)), source=name or "<defaults>")
 
 
 def nested(tree: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:

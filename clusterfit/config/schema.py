@@ -12,7 +12,7 @@ properties, never written back. Loading lives in `config.loading`. No deep-learn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,6 +88,34 @@ class TransformsConfig(Section):
     STD: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], description="Normalisation std (RGB).")
 
 
+class DataLimitSamplingConfig(Section):
+    """Which DATA_LIMIT images a split keeps, as VISSL's `DATA.<SPLIT>.DATA_LIMIT_SAMPLING`."""
+
+    METHOD: Literal["auto", "random", "first"] = Field(
+        "auto",
+        description="random: VISSL's seeded draw (numpy's legacy `RandomState(SEED).choice` of SKIP_NUM_SAMPLES + "
+        "DATA_LIMIT indices without replacement, the first SKIP_NUM_SAMPLES dropped), so the same SEED keeps the same "
+        "images as VISSL; first: indices SKIP_NUM_SAMPLES.. in dataset order; auto: random for disk_folder and "
+        "disk_filelist (as VISSL, whose folder order is class by class, so the first N images are the first classes "
+        "only), first for digits and synthetic (not in VISSL; their order is already class-mixed, and nested subsets "
+        "keep the quickstart's numbers comparable). Either way the kept images stay in dataset order (VISSL keeps its "
+        "draw's order), and extract records their indices.",
+    )
+    SEED: int = Field(
+        0, description="Seed of the random draw; VISSL's default 0, independent of EXPERIMENT.SEED as in VISSL."
+    )
+    IS_BALANCED: bool = Field(
+        False,
+        description="random: draw DATA_LIMIT // classes images per class (the remainder one each to the first "
+        "classes), as VISSL's balanced_sub_sampling; needs ground-truth labels.",
+    )
+    SKIP_NUM_SAMPLES: int = Field(
+        0,
+        ge=0,
+        description="Leave out this many images first (per class when IS_BALANCED), e.g. those of another split.",
+    )
+
+
 class DataSplitConfig(Section):
     DATA_SOURCES: list[Literal["disk_folder", "disk_filelist", "digits", "synthetic"]] = Field(
         default_factory=list,
@@ -101,11 +129,25 @@ class DataSplitConfig(Section):
     )
     LABEL_PATHS: list[str] = Field(
         default_factory=list,
-        description="Pseudo-label files (.npy, int64, one per dataset index) to train on instead of the experiment's "
-        "own cluster labels.",
+        description="Pseudo-label file (.npy, int64) to train on instead of the experiment's own cluster labels: "
+        "VISSL's `<name>_labels.npy` with its `<name>_images.npy` beside it (realigned to this dataset by image "
+        "path; an image VISSL did not label gets -1), or a clusterfit `clusters/<name>/labels.npy` (its "
+        "`_SUCCESS.json` records which images, in which order, and is checked). A bare file is refused unless "
+        "TRUST_LABEL_ORDER.",
+    )
+    TRUST_LABEL_ORDER: bool = Field(
+        False,
+        description="Take a LABEL_PATHS file that has neither VISSL's image list nor our manifest beside it as one "
+        "label per image in this dataset's order, unchecked (a warning says so). Not in VISSL, which trains on "
+        "its own image list; a mismatch trains on scrambled labels without an error.",
     )
     BATCHSIZE_PER_REPLICA: int = Field(32, ge=1, description="Images per process per step.")
-    DATA_LIMIT: int = Field(-1, description="Use only the first N images (in dataset order); -1: all.")
+    DATA_LIMIT: int = Field(
+        -1, description="Use only N images, chosen as DATA_LIMIT_SAMPLING says (at most all); -1: all."
+    )
+    DATA_LIMIT_SAMPLING: DataLimitSamplingConfig = Field(
+        default_factory=DataLimitSamplingConfig, description="Which images DATA_LIMIT keeps."
+    )
     SYNTHETIC_SIZE: int = Field(256, ge=1, description="synthetic: number of images.")
     IMAGE_SIZE: int = Field(32, ge=8, description="digits/synthetic: side of the generated RGB image in pixels.")
 
@@ -139,21 +181,40 @@ class WeightsInitConfig(Section):
         description="Checkpoint to initialise the trunk from (local path or s3://). Empty: pretrain's output, else "
         "random.",
     )
-    STATE_DICT_KEY_NAME: str = Field(
+    STATE_DICT_KEY_NAME: str | list[str] = Field(
         "classy_state_dict",
-        description="Key holding the state dict in the checkpoint (dots for nesting); '' if the file is the state "
-        "dict itself.",
+        description="Where the state dict sits in the checkpoint: VISSL's list of nested keys "
+        "([classy_state_dict, base_model, model, trunk]) or a string, dots for nesting unless the whole string is a "
+        "key; '' if the file is the state dict itself. Exactly the string 'classy_state_dict' means VISSL's layout "
+        "(classy_state_dict.base_model.model.{trunk,heads}, or the flat state dict our files before format 2 "
+        "held): names are mapped onto the model's and REMOVE_PREFIX/APPEND_PREFIX are ignored, as in VISSL; the "
+        "list [classy_state_dict] applies them.",
     )
     SKIP_LAYERS: list[str] = Field(
         default_factory=lambda: ["num_batches_tracked"],
-        description="Checkpoint keys containing any of these substrings are not loaded.",
+        description="Substrings of parameter names not to load. Matched, as in VISSL, against the model's names "
+        "after the prefixes (trunk._feature_blocks.layer4); unlike VISSL also against the checkpoint's own key "
+        "(module.layer4), so a pattern copied from the file works too. Skipped parameters keep their initial value.",
     )
-    REMOVE_PREFIX: str = Field("", description="Prefix removed from every checkpoint key (before APPEND_PREFIX).")
+    REMOVE_PREFIX: str = Field(
+        "",
+        description="Prefix removed from every checkpoint key (before APPEND_PREFIX); ignored when "
+        "STATE_DICT_KEY_NAME is 'classy_state_dict', as in VISSL.",
+    )
     APPEND_PREFIX: str = Field(
         "",
         description="Prefix added to every key; torchvision ResNet: 'trunk._feature_blocks.' (or "
-        "'trunk.base_model._feature_blocks.').",
+        "'trunk.base_model._feature_blocks.'); ignored when STATE_DICT_KEY_NAME is 'classy_state_dict', as in VISSL.",
     )
+
+    @model_validator(mode="after")
+    def _no_empty_nested_key(self) -> WeightsInitConfig:
+        if isinstance(self.STATE_DICT_KEY_NAME, list) and not all(self.STATE_DICT_KEY_NAME):
+            raise ValueError(
+                f"STATE_DICT_KEY_NAME={self.STATE_DICT_KEY_NAME!r}: a list of nested keys cannot hold an empty key; "
+                "write '' (not a list) for a file that is the state dict itself"
+            )
+        return self
 
 
 class TrunkConfig(Section):
@@ -190,6 +251,22 @@ class FeaturesConfig(Section):
     LAYER_NAME: Literal["conv1", "res2", "res3", "res4", "res5", "res5avg"] = Field(
         "res5", description="Layer whose features are clustered; feature maps are average-pooled (EXTRACT.POOL_SIZE)."
     )
+    TEST_PARTITION: Literal["TRAIN", "TEST", ""] | None = Field(
+        None,
+        description="VISSL's key: the other split assigned to the centroids; '' for none. Unset (null): every "
+        "other split in EXTRACT.PARTITIONS, which with DATA_PARTITION=TRAIN is VISSL's default TEST.",
+    )
+    DIMENSIONALITY_REDUCTION: int = Field(
+        0,
+        ge=0,
+        description="VISSL's key: PCA to this many dimensions before k-means, fitted on the sampled training points "
+        "(after L2_NORMALIZE) and applied to every assigned split; 0: off.",
+    )
+    PCA_WHITENING: Literal["whiten", "whiten_l2", "none"] = Field(
+        "whiten",
+        description="With DIMENSIONALITY_REDUCTION: 'whiten' scales each component to unit variance (VISSL's PCA); "
+        "'whiten_l2' also L2-normalises the projected rows (DeepCluster's preprocess_features); 'none' projects only.",
+    )
 
 
 class ClusterFitConfig(Section):
@@ -197,7 +274,13 @@ class ClusterFitConfig(Section):
     CLUSTER_BACKEND: Literal["faiss", "torch"] = Field(
         "faiss", description="k-means implementation: faiss, or a matmul-based torch one (GPU when present)."
     )
-    N_ITER: int = Field(50, ge=1, description="k-means iterations.")
+    N_ITER: int = Field(50, ge=1, description="k-means iterations (VISSL's NUM_ITER is accepted for it).")
+    DATA_LIMIT: int = Field(
+        -1,
+        ge=-1,
+        description="VISSL's key: train the centroids on at most this many features, sampled with EXPERIMENT.SEED "
+        "(VISSL: DATA_LIMIT_SAMPLING.SEED); -1: all, up to K x MAX_POINTS_PER_CENTROID, as faiss caps VISSL's too.",
+    )
     FEATURES: FeaturesConfig = Field(default_factory=FeaturesConfig, description="Which features are clustered.")
     L2_NORMALIZE: bool = Field(
         True, description="L2-normalise features before clustering and assignment (VISSL's default)."
@@ -206,7 +289,10 @@ class ClusterFitConfig(Section):
         256, ge=1, description="Centroids are trained on at most K x this many sampled points."
     )
     ALGORITHM: Literal["auto", "lloyd", "superkmeans"] = Field(
-        "auto", description="faiss algorithm: plain Lloyd (faiss.Kmeans), SuperKMeans, or chosen by shape."
+        "auto",
+        description="faiss algorithm: plain Lloyd (faiss.Kmeans, VISSL's), SuperKMeans (faiss >= 1.14.3, CPU only), "
+        "or auto: SuperKMeans where the installed faiss has it, d >= 1024 and K >= 4096 (1024 off the unit sphere), "
+        "else Lloyd; the same on every device, recorded in stats.json. The torch backend runs Lloyd.",
     )
     ASSIGN_BATCH_SIZE: int = Field(
         65536, ge=1, description="Features assigned per search call while streaming the parts."
@@ -220,6 +306,71 @@ class ClusterFitConfig(Section):
     RANK_WAIT_TIMEOUT_S: float = Field(
         3600.0, gt=0, description="How long ranks wait for each other's partial results."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vissl_spellings(cls, data: Any) -> Any:
+        return take_aliases(data, ("CLUSTERFIT",))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterFitConfig:
+        if self.DATA_LIMIT != -1 and self.DATA_LIMIT < self.NUM_CLUSTERS:
+            raise ValueError(
+                f"CLUSTERFIT.DATA_LIMIT={self.DATA_LIMIT} samples fewer features than CLUSTERFIT.NUM_CLUSTERS="
+                f"{self.NUM_CLUSTERS}; use -1 (all) or at least K"
+            )
+        if self.ALGORITHM == "superkmeans" and self.CLUSTER_BACKEND != "faiss":
+            raise ValueError(
+                "CLUSTERFIT.ALGORITHM=superkmeans needs CLUSTERFIT.CLUSTER_BACKEND=faiss; the torch backend runs Lloyd"
+            )
+        return self
+
+
+# VISSL's spellings of our keys, per section: the code of VISSL's tools reads CLUSTERFIT.NUM_ITER
+# where its ClusterFit page (and so our schema) says N_ITER.
+ALIASES: dict[tuple[str, ...], dict[str, str]] = {("CLUSTERFIT",): {"NUM_ITER": "N_ITER"}}
+
+
+def take_aliases(data: Any, section: tuple[str, ...]) -> Any:
+    """A section's raw dict with VISSL's spellings moved to our keys; both with different values is an error."""
+    aliases = ALIASES.get(section, {})
+    if not isinstance(data, dict) or not aliases.keys() & data.keys():
+        return data
+    data = dict(data)
+    where = ".".join(section)
+    for alias, canonical in aliases.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if canonical in data and data[canonical] != value:
+            raise ValueError(
+                f"{where}.{alias}={value!r} and {where}.{canonical}={data[canonical]!r} are the same key "
+                "(VISSL's spelling and ours) with different values; keep one"
+            )
+        data[canonical] = value
+    return data
+
+
+def canonical_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """One layer of a raw config (a file, or the overrides) with VISSL's spellings renamed to our keys,
+    so that a later layer's `NUM_ITER` replaces an earlier layer's `N_ITER` when the two are merged.
+    A layer that gives both spellings is left as it is, for validation to name the conflict."""
+    for section in ALIASES:
+        tree = _rename_in(tree, section, section)
+    return tree
+
+
+def _rename_in(node: dict[str, Any], rest: tuple[str, ...], section: tuple[str, ...]) -> dict[str, Any]:
+    if not rest:
+        try:
+            renamed: dict[str, Any] = take_aliases(node, section)
+        except ValueError:
+            return node
+        return renamed
+    child = node.get(rest[0])
+    if not isinstance(child, dict):
+        return node
+    return {**node, rest[0]: _rename_in(child, rest[1:], section)}
 
 
 class ExtractConfig(Section):
@@ -248,6 +399,14 @@ class OptimizerConfig(Section):
     WARMUP_MULTI_NODE_ONLY: bool = Field(
         True, description="Warm up only when DISTRIBUTED.NUM_NODES > 1 (VISSL's recipe)."
     )
+    WARMUP_SCHEDULE: Literal["vissl", "zero_per_step"] = Field(
+        "vissl",
+        description="vissl: VISSL's composite schedule (linear, then multistep; update_interval epoch): the LR is "
+        "set once per epoch and the warm-up ramps from the LR of one node's batch (BASE_LR x per-node batch / "
+        "BASE_LR_BATCH_SIZE when AUTO_SCALE_LR) to the scaled LR, so on one node there is none. zero_per_step: "
+        "ramp from about 0, updated every step (this project's earlier schedule, kept as an option; not measured "
+        "better).",
+    )
     MILESTONES: list[int] = Field(
         default_factory=lambda: [30, 60, 90, 100], description="Epochs at which the LR is multiplied by GAMMA."
     )
@@ -259,7 +418,23 @@ class PretrainConfig(Section):
         default_factory=lambda: OptimizerConfig(NUM_EPOCHS=35, MILESTONES=[10, 20, 30]),
         description="RotNet pretraining optimizer and schedule.",
     )
-    BATCHSIZE_PER_REPLICA: int = Field(32, ge=1, description="Images per process per step (each gives 4 rotations).")
+    BATCHSIZE_PER_REPLICA: int = Field(
+        32, ge=1, description="Images per process per step (ROTATIONS all4: each gives 4 inputs; one_random: 1)."
+    )
+    ROTATIONS: Literal["all4", "one_random"] = Field(
+        "all4",
+        description="all4: every image at 0/90/180/270 degrees in the same batch (Gidaris et al. found it better "
+        "than one rotation per image). one_random: VISSL's ImgRotatePil, one rotation drawn per image and applied "
+        "before the crop; we turn the image losslessly (PIL transpose) where VISSL's TF.rotate keeps the original "
+        "frame, which on non-square images cuts the picture and adds black bars that give the rotation away.",
+    )
+    COLOR_JITTER: list[float] | None = Field(
+        None,
+        min_length=4,
+        max_length=4,
+        description="ColorJitter for pretraining (brightness, contrast, saturation, hue; all zero: none, as VISSL's "
+        "RotNet); null: DATA.TRANSFORMS.COLOR_JITTER. The other transforms are DATA.TRANSFORMS'.",
+    )
 
 
 class CheckpointConfig(Section):
@@ -268,7 +443,70 @@ class CheckpointConfig(Section):
     AUTO_RESUME: bool = Field(True, description="Resume from the latest checkpoint when one exists.")
 
 
+PoolLayer = Literal["conv1", "res2", "res3", "res4", "res5", "res5avg"]
+
+
+def _vissl_pooling() -> dict[PoolLayer, list[int]]:
+    return {"conv1": [10, 10, 4], "res2": [16, 8, 0], "res3": [13, 5, 0], "res4": [8, 3, 0], "res5": [6, 1, 0]}
+
+
+class VisslLinearConfig(Section):
+    """EVALUATE.PROTOCOL=vissl_linear: VISSL's `eval_resnet_8gpu_transfer_in1k_linear` benchmark, whose numbers
+    the model zoo quotes. A BatchNorm + Linear head (VISSL's `eval_mlp`) per layer in EVALUATE.LAYERS on the
+    frozen trunk's pooled map, trained on TRAIN images with RandomResizedCrop and flip (DATA.TRANSFORMS, no colour
+    jitter), tested on TEST's centre crops after the last epoch. Where we differ from VISSL: one process (BN over
+    BATCH_SIZE images is VISSL's SyncBN over 8 x 32), and no second head without BN on res5avg."""
+
+    POOLING: dict[PoolLayer, Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=_vissl_pooling,
+        description="AvgPool2d [kernel, stride, padding] per layer, VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP for "
+        "ResNet-50; a layer not listed (res5avg) is used as it is. Unlike VISSL, which fails there, a map smaller "
+        "than its kernel (small images) is adaptive-average-pooled to the grid VISSL's op gives at 224 pixels "
+        "(res4: 3x3), so the head keeps VISSL's shape.",
+    )
+    BATCH_SIZE: int = Field(
+        256, ge=2, description="Images per step (VISSL: 32 per GPU x 8 GPUs); the LR scales from OPTIMIZER's base."
+    )
+    OPTIMIZER: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(
+            NUM_EPOCHS=28,
+            BASE_LR=0.01,
+            BASE_LR_BATCH_SIZE=256,
+            MOMENTUM=0.9,
+            NESTEROV=True,
+            WEIGHT_DECAY=5e-4,
+            REGULARIZE_BN=False,
+            REGULARIZE_BIAS=True,
+            WARMUP_EPOCHS=0,
+            MILESTONES=[8, 16, 24],
+            GAMMA=0.1,
+        ),
+        description="The heads' SGD and schedule, VISSL's: 28 epochs, Nesterov, LR 0.01 at 256 images x 0.1 at "
+        "epochs 8, 16, 24, weight decay 5e-4 (none on BN).",
+    )
+
+
 class EvaluateConfig(Section):
+    PROTOCOL: Literal["quick", "vissl_linear"] = Field(
+        "quick",
+        description="quick: kNN, low-shot kNN and a linear probe on extracted features (minutes; small data). "
+        "vissl_linear: VISSL's linear benchmark (VISSL_LINEAR), comparable with the model zoo's ImageNet numbers.",
+    )
+    VISSL_LINEAR: VisslLinearConfig = Field(
+        default_factory=VisslLinearConfig, description="VISSL's linear benchmark, used when PROTOCOL=vissl_linear."
+    )
+    SIGNIFICANCE: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="A difference is called better or worse when its paired test (McNemar mid-p on the same TEST "
+        "images; a paired bootstrap over images and draws for low-shot) gives p below this.",
+    )
+    OTHER_SEEDS: list[str] = Field(
+        [],
+        description="URIs of eval/metrics.json of this experiment run with other EXPERIMENT.SEEDs; the report adds "
+        "the mean ± std over all seeds.",
+    )
     LAYERS: list[Literal["conv1", "res2", "res3", "res4", "res5", "res5avg"]] = Field(
         ["res4", "res5avg"], description="Layers whose frozen features are probed."
     )
@@ -277,7 +515,7 @@ class EvaluateConfig(Section):
     LOW_SHOT: list[Annotated[int, Field(ge=1)]] = Field(
         [],
         description="Labelled TRAIN images per class for low-shot kNN top-1, one metric per entry (e.g. [1, 10]); [] "
-        "for none.",
+        "for none. PROTOCOL=quick only.",
     )
     LOW_SHOT_DRAWS: int = Field(
         20,

@@ -4,14 +4,16 @@
     clusterfit cluster config=quickstart config.CLUSTERFIT.NUM_CLUSTERS=30 config.CLUSTERFIT.CLUSTER_BACKEND=torch
 
 VISSL's defaults: features L2-normalised, seeded, N_ITER iterations, centroids trained on a seeded
-sample of at most K x MAX_POINTS_PER_CENTROID points. Then every feature is assigned by streaming
+sample of at most K x MAX_POINTS_PER_CENTROID (and DATA_LIMIT) points, optionally PCA-reduced first
+(FEATURES.DIMENSIONALITY_REDUCTION, fitted on that sample). Then every feature is assigned by streaming
 over the part files, so memory holds all features only when they fit (FeatureParts caches them
 then). Several ranks (RANK/WORLD_SIZE) split the assignment by part; rank 0 trains the centroids
 and merges, coordinating through the artifact store, so this step needs no torch.
 
 Writes `clusters/<layer>-k<K>/`: centroids.npy (float32 K x D), labels.npy (int64, one per dataset
 index, in dataset order, -1 for images skipped at extraction), distances.npy (float32 squared L2),
-stats.json, and `<split>/labels.npy` + `<split>/distances.npy` for the other extracted splits.
+stats.json (with the k-means algorithm chosen and why), pca_mean.npy + pca_components.npy with PCA,
+and `<split>/labels.npy` + `<split>/distances.npy` for the other extracted splits (FEATURES.TEST_PARTITION).
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from clusterfit.artifacts.layout import (
     CLUSTER_STATS,
     CLUSTER_WORK,
     DISTANCES,
+    IMAGES_KEY,
     LABELS,
+    LABELS_IMAGES_KEY,
+    PCA_COMPONENTS,
+    PCA_MEAN,
     assignment_name,
     cluster_folder,
     cluster_work,
@@ -72,23 +78,28 @@ def run(cfg: Config) -> ClusterResult:
     check_sizes(cfg, parts[main_split].num_rows)
     # Centroids: rank 0 trains them on a seeded sample; the other ranks wait for them.
     work = cluster_work(folder, fp)
-    trained, sample = train_centroids(cfg, parts[main_split]) if ranks.is_main else (None, None)
+    trained, sample, pca = train_centroids(cfg, parts[main_split]) if ranks.is_main else (None, None, None)
     if ranks.is_main:
         assert trained is not None
+        if pca is not None:  # before the centroids: they tell the other ranks that both are there
+            store.put_bytes(f"{work}/{PCA_MEAN}", array_to_bytes(pca.mean))
+            store.put_bytes(f"{work}/{PCA_COMPONENTS}", array_to_bytes(pca.components))
         store.put_bytes(f"{work}/{CENTROIDS}", array_to_bytes(trained.centroids))
     centroids = trained.centroids if trained else load_when_ready(cfg, store, f"{work}/{CENTROIDS}")
+    if not ranks.is_main and cfg.CLUSTERFIT.FEATURES.DIMENSIONALITY_REDUCTION:
+        pca = load_projection(cfg, store, work)
     # Assignment: each rank streams its share of the parts of every split (rank 0 reuses the
     # prepared training sample when it is every row, instead of reading and normalising again).
     assign = kmeans.assigner(cfg.CLUSTERFIT.CLUSTER_BACKEND, centroids)
     for split, feature_parts in parts.items():
-        partial = assign_parts(cfg, feature_parts, assign, ranks, sample if split == main_split else None)
+        partial = assign_parts(cfg, feature_parts, assign, ranks, sample if split == main_split else None, pca)
         store.put_bytes(f"{work}/{assignment_name(split, ranks.rank)}", array_to_bytes(partial))
     del sample
     if not ranks.is_main:
         return ClusterResult(folder, False)
     # Publication: rank 0 merges every rank's assignments, in dataset order.
     assert trained is not None
-    stats = publish(cfg, store, folder, work, parts, trained, ranks, fp, started)
+    stats = publish(cfg, store, folder, work, parts, trained, ranks, fp, started, pca)
     return ClusterResult(folder, False, parts[main_split].num_rows, stats["empty_clusters"])
 
 
@@ -100,7 +111,13 @@ def open_features(cfg: Config, store: Store, split: str) -> FeatureParts:
 
 
 def other_splits(cfg: Config, store: Store, main_split: str) -> list[str]:
-    return [s for s in cfg.EXTRACT.PARTITIONS if s != main_split and cfg.split(s).enabled]
+    """The extracted splits assigned besides the clustered one: FEATURES.TEST_PARTITION, else all."""
+    wanted = cfg.CLUSTERFIT.FEATURES.TEST_PARTITION
+    return [
+        s
+        for s in cfg.EXTRACT.PARTITIONS
+        if s != main_split and cfg.split(s).enabled and (wanted is None or s == wanted)
+    ]
 
 
 def check_feature_set(cfg: Config, store: Store, manifest: dict[str, Any], folder: str) -> None:
@@ -146,15 +163,31 @@ def check_sizes(cfg: Config, num_points: int) -> None:
         )
 
 
-def train_centroids(cfg: Config, parts: FeatureParts) -> tuple[kmeans.Centroids, np.ndarray | None]:
-    """Centroids from a seeded sample, and that (normalised) sample when it is every row, in part order."""
+def train_centroids(
+    cfg: Config, parts: FeatureParts
+) -> tuple[kmeans.Centroids, np.ndarray | None, kmeans.Projection | None]:
+    """Centroids from a seeded sample; that (normalised, projected) sample when it is every row, in
+    part order; and the PCA fitted on it when FEATURES.DIMENSIONALITY_REDUCTION asks for one."""
     c = cfg.CLUSTERFIT
     rng = np.random.default_rng(cfg.EXPERIMENT.SEED)
     budget = c.NUM_CLUSTERS * c.MAX_POINTS_PER_CENTROID
+    if c.DATA_LIMIT != -1:
+        budget = min(budget, c.DATA_LIMIT)
     rows = np.sort(rng.choice(parts.num_rows, budget, replace=False)) if parts.num_rows > budget else None
     sample = parts.gather(rows)  # a fresh array: normalised in place, no second copy
     if c.L2_NORMALIZE:
         sample = kmeans.l2_normalize(sample, inplace=True)
+    pca = None
+    if c.FEATURES.DIMENSIONALITY_REDUCTION:
+        pca = kmeans.fit_pca(sample, c.FEATURES.DIMENSIONALITY_REDUCTION, c.FEATURES.PCA_WHITENING)
+        log.info(
+            "cluster: PCA %d -> %d dims (%s) fitted on %d points",
+            sample.shape[1],
+            len(pca.components),
+            c.FEATURES.PCA_WHITENING,
+            len(sample),
+        )
+        sample = pca.apply(sample)
     log.info(
         "cluster: training %d centroids on %d of %d points (d=%d, backend %s)",
         c.NUM_CLUSTERS,
@@ -171,8 +204,18 @@ def train_centroids(cfg: Config, parts: FeatureParts) -> tuple[kmeans.Centroids,
         seed=cfg.EXPERIMENT.SEED,
         max_points_per_centroid=c.MAX_POINTS_PER_CENTROID,
         algorithm=c.ALGORITHM,
+        unit_sphere=on_unit_sphere(cfg),
     )
-    return trained, (sample if rows is None else None)
+    trained.extra["train_points"] = len(sample)
+    return trained, (sample if rows is None else None), pca
+
+
+def on_unit_sphere(cfg: Config) -> bool:
+    """Whether k-means sees (near) unit-norm rows: what faiss's SuperKMeans advice turns on. A plain
+    PCA projection of unit rows counts (conservatively); a whitened one does not."""
+    features = cfg.CLUSTERFIT.FEATURES
+    whitened = features.DIMENSIONALITY_REDUCTION > 0 and features.PCA_WHITENING == "whiten"
+    return cfg.CLUSTERFIT.L2_NORMALIZE and not whitened
 
 
 def load_when_ready(cfg: Config, store: Store, key: str) -> np.ndarray:
@@ -180,13 +223,24 @@ def load_when_ready(cfg: Config, store: Store, key: str) -> np.ndarray:
     return store.get_array(key)
 
 
+def load_projection(cfg: Config, store: Store, work: str) -> kmeans.Projection:
+    """Rank 0's PCA, written before its centroids (which this rank has already waited for)."""
+    mean, components = store.get_array(f"{work}/{PCA_MEAN}"), store.get_array(f"{work}/{PCA_COMPONENTS}")
+    return kmeans.Projection(mean, components, l2_after=cfg.CLUSTERFIT.FEATURES.PCA_WHITENING == "whiten_l2")
+
+
 def assign_parts(
-    cfg: Config, parts: FeatureParts, assign: kmeans.Assigner, ranks: Ranks, prepared: np.ndarray | None = None
+    cfg: Config,
+    parts: FeatureParts,
+    assign: kmeans.Assigner,
+    ranks: Ranks,
+    prepared: np.ndarray | None = None,
+    pca: kmeans.Projection | None = None,
 ) -> np.ndarray:
     """This rank's parts -> structured rows (index, label, sqdist).
 
-    `prepared`: every row of `parts`, in part order, already normalised as the config asks; the
-    parts' features are then not read again."""
+    `prepared`: every row of `parts`, in part order, already normalised (and projected by `pca`) as
+    the config asks; the parts' features are then not read again."""
     out = []
     offsets = np.cumsum([0, *parts.rows])
     for number, name in enumerate(parts.names):
@@ -198,6 +252,8 @@ def assign_parts(
             index, feats = parts.load(name)
             if cfg.CLUSTERFIT.L2_NORMALIZE:
                 feats = kmeans.l2_normalize(feats)
+            if pca is not None:
+                feats = pca.apply(feats)
         step = cfg.CLUSTERFIT.ASSIGN_BATCH_SIZE
         for start in range(0, len(feats), step):
             labels, dists = assign.assign(feats[start : start + step])
@@ -240,6 +296,8 @@ def cluster_stats(labels: np.ndarray, k: int, trained: kmeans.Centroids) -> dict
         "imbalance_cv": float(sizes.std() / mean) if mean else 0.0,
         "objective_per_iteration": trained.objective,
         "algorithm": trained.algorithm,
+        "algorithm_choice": trained.extra.get("algorithm_choice"),
+        "train_points": trained.extra.get("train_points"),
         "train_s": trained.train_s,
     }
 
@@ -254,9 +312,13 @@ def publish(
     ranks: Ranks,
     fp: str,
     started: float,
+    pca: kmeans.Projection | None = None,
 ) -> dict[str, Any]:
     ledger = artifacts.Ledger(store, folder)
     ledger.put_array(CENTROIDS, trained.centroids)
+    if pca is not None:
+        ledger.put_array(PCA_MEAN, pca.mean)
+        ledger.put_array(PCA_COMPONENTS, pca.components)
     main_split = cfg.CLUSTERFIT.FEATURES.DATA_PARTITION
     stats: dict[str, Any] = {}
     for split, feature_parts in parts.items():
@@ -268,6 +330,12 @@ def publish(
         if split == main_split:
             stats = cluster_stats(labels, cfg.CLUSTERFIT.NUM_CLUSTERS, trained)
             stats["mean_sqdist"] = float(np.nanmean(dists)) if np.isfinite(dists).any() else None
+            if pca is not None:
+                stats["dimensionality_reduction"] = {
+                    "dims_in": int(pca.components.shape[1]),
+                    "dims_out": int(pca.components.shape[0]),
+                    "whitening": cfg.CLUSTERFIT.FEATURES.PCA_WHITENING,
+                }
     ledger.put_json(CLUSTER_STATS, stats)
     artifacts.publish(
         ledger,
@@ -280,6 +348,10 @@ def publish(
             "num_clusters": cfg.CLUSTERFIT.NUM_CLUSTERS,
             "layer": cfg.CLUSTERFIT.FEATURES.LAYER_NAME,
             "partition": main_split,
+            # Which images each label file labels, in order (from extract): what train checks LABEL_PATHS by.
+            LABELS_IMAGES_KEY: {
+                split_file(s, LABELS, main_split): p.manifest.get(IMAGES_KEY) for s, p in parts.items()
+            },
         },
     )
     for key in store.list(f"{folder}/{CLUSTER_WORK}/"):

@@ -1,21 +1,28 @@
 """Step 3: does ClusterFit beat the features it started from? One protocol for every model.
 
     clusterfit evaluate config=quickstart
+    clusterfit evaluate config=quickstart config.EVALUATE.PROTOCOL=vissl_linear
 
-For each model (the starting model, the ClusterFit model, and the baselines: a randomly
-initialised trunk and raw pixels) and each layer in EVALUATE.LAYERS: kNN top-1 (cosine,
+EVALUATE.PROTOCOL=quick (the default): for each model (the starting model, the ClusterFit model,
+and the baselines: a randomly initialised trunk and raw pixels) and each layer in
+EVALUATE.LAYERS: kNN top-1 (cosine,
 temperature-weighted votes, k=KNN_K) and a linear probe's top-1 on frozen features, trained on
 TRAIN and measured on TEST; with EVALUATE.LOW_SHOT, kNN top-1 again with only n labelled TRAIN
 images per class (the mean over LOW_SHOT_DRAWS random subsets, the same subsets for every model),
-where a representation's quality shows long before full-data kNN saturates. NMI and ARI of the
-cluster labels against ground truth. A difference is called real only when it exceeds twice its
-standard error: the TEST set's binomial error, plus the spread over the draws for low-shot
+where a representation's quality shows long before full-data kNN saturates.
+EVALUATE.PROTOCOL=vissl_linear: VISSL's linear benchmark instead (a BN + Linear head per layer on
+the frozen trunk, trained on augmented TRAIN images; EVALUATE.VISSL_LINEAR), whose numbers compare
+with VISSL's model zoo. Both: NMI and ARI of the labels training used (DATA.TRAIN.LABEL_PATHS, else
+the experiment's clusters) against ground truth. A difference is called real when a paired test
+on the same TEST images says so (McNemar mid-p; a paired bootstrap over images and draws for
+low-shot; p < EVALUATE.SIGNIFICANCE), with the spread over EVALUATE.OTHER_SEEDS when given
 (`probes` has the measures). Writes `eval/metrics.json` and the run report (`eval/report.html`,
 `eval/report.md`, PNGs).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,10 +45,22 @@ from clusterfit.artifacts.layout import (
 )
 from clusterfit.artifacts.lineage import StartWeights, start_weights
 from clusterfit.config import Config, ConfigError
-from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
+from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform, train_transform
+from clusterfit.labels import load_labels
+from clusterfit.linear_eval import train_linear_eval
 from clusterfit.models import Network, build_network, forward_features, memory_format
-from clusterfit.probes import agreement, check_low_shot, compare, low_shot_subsets, measure
-from clusterfit.storage import Store, open_store
+from clusterfit.probes import (
+    agreement,
+    check_low_shot,
+    compare,
+    low_shot_subsets,
+    measure,
+    pack_correct,
+    seed_spread,
+    top1,
+)
+from clusterfit.storage import Store, open_store, read_uri
+from clusterfit.training import LabelledDataset
 from clusterfit.weights import load_weights, starting_model
 
 log = logging.getLogger(__name__)
@@ -60,14 +79,15 @@ def run(cfg: Config) -> EvalResult:
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     if not dist.is_main:  # evaluation is small next to training: rank 0 does it
         return EvalResult(EVAL, True)
-    # Inputs: the starting weights, the ClusterFit network and the clusters, all published.
+    # Inputs: the starting weights, the ClusterFit network and the labels it was trained on, all published.
     start = start_weights(cfg, store)
     train_manifest = artifacts.read_manifest(store, TRAIN)
-    cluster_manifest = artifacts.read_manifest(store, cluster_folder(cfg))
+    train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
+    trained_on, labels_uri, labels_digest = load_labels(cfg, store, len(train_set), train_set.source)
     inputs = {
         "start": start.digest or start.uri,
         "train": train_manifest["_digest"],
-        "cluster": cluster_manifest["_digest"],
+        "labels": labels_digest,
     }
     fp = fingerprint(cfg, inputs)
     if artifacts.skip_if_published(store, EVAL, fp, "evaluate"):
@@ -76,26 +96,37 @@ def run(cfg: Config) -> EvalResult:
     log.info("evaluate: writing to %s", store.uri(EVAL))
     started = time.time()
     # Ground truth of both splits, and the labelled subsets every model's low-shot kNN shares.
-    train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
     test_set = build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS))
     y_train, y_test = ground_truth(train_set, "TRAIN"), ground_truth(test_set, "TEST")
-    subsets = low_shot_subsets(y_train, cfg.EVALUATE.LOW_SHOT, cfg.EVALUATE.LOW_SHOT_DRAWS, cfg.EXPERIMENT.SEED)
-    # Features of every model on both splits, then the probes.
+    shots = cfg.EVALUATE.LOW_SHOT if cfg.EVALUATE.PROTOCOL == "quick" else []  # VISSL's benchmark has no low-shot
+    subsets = low_shot_subsets(y_train, shots, cfg.EVALUATE.LOW_SHOT_DRAWS, cfg.EXPERIMENT.SEED)
+    # Every model's rows: quick probes on extracted features, or VISSL's benchmark on the frozen trunk.
     rows = []
     for name, model in models(cfg, store, start).items():
+        if cfg.EVALUATE.PROTOCOL == "vissl_linear":
+            if model is not None:  # raw pixels have no trunk to put VISSL's heads on
+                rows += vissl_linear_rows(cfg, name, model, y_train, y_test, dist.device)
+            continue
         for layer, (x_train, x_test) in features(cfg, model, train_set, test_set, dist.device).items():
             train, test = (x_train, y_train), (x_test, y_test)
             rows.append(measure(cfg.EVALUATE, cfg.EXPERIMENT.SEED, name, layer, train, test, subsets, dist.device))
             log.info("evaluate %s/%s: %s", name, layer, row_summary(rows[-1]))
-    # Verdicts, metrics.json and the report, then _SUCCESS.json.
+    # Paired verdicts, cluster agreement, the spread over other seeds; metrics.json and the report, then
+    # _SUCCESS.json.
     metrics = {
+        "protocol": cfg.EVALUATE.PROTOCOL,
         "rows": rows,
-        "clusters": cluster_agreement(store, cfg, cluster_manifest, y_train, y_test),
-        "comparison": compare(rows, len(y_test)),
+        "clusters": cluster_agreement(store, cfg, trained_on, y_train, y_test),
+        "cluster_labels": labels_uri,
+        "comparison": compare(rows, len(y_test), cfg.EVALUATE.SIGNIFICANCE, cfg.EXPERIMENT.SEED),
+        "significance": cfg.EVALUATE.SIGNIFICANCE,
         "n_train": len(y_train),
         "n_test": len(y_test),
         "start_weights": start.uri or "random init",
     }
+    if cfg.EVALUATE.OTHER_SEEDS:
+        others = [json.loads(read_uri(uri, cfg.STORAGE)) for uri in cfg.EVALUATE.OTHER_SEEDS]
+        metrics["seed_spread"] = seed_spread([metrics, *others])
     ledger = artifacts.Ledger(store, EVAL)
     ledger.put_json(EVAL_METRICS, metrics)
     report.write(cfg, store, ledger, metrics)
@@ -116,6 +147,8 @@ def fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
 
 
 def row_summary(row: dict[str, Any]) -> str:
+    if "knn_top1" not in row:
+        return f"VISSL linear top-1 {row['linear_top1']:.2f}%"
     low = "".join(f", {n}-shot kNN {v['top1']:.2f}%" for n, v in row["low_shot"].items())
     return f"kNN top-1 {row['knn_top1']:.2f}%{low}, linear top-1 {row['linear_top1']:.2f}%"
 
@@ -125,7 +158,8 @@ def preflight(cfg: Config) -> None:
     training."""
     y_train = ground_truth(build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS)), "TRAIN")
     ground_truth(build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS)), "TEST")
-    check_low_shot(y_train, cfg.EVALUATE.LOW_SHOT)
+    if cfg.EVALUATE.PROTOCOL == "quick":
+        check_low_shot(y_train, cfg.EVALUATE.LOW_SHOT)
 
 
 def ground_truth(dataset: ImageDataset, partition: str) -> np.ndarray:
@@ -191,16 +225,54 @@ def pixel_features(images: torch.Tensor, size: int) -> np.ndarray:
     return images.flatten(1).float().numpy()
 
 
+def vissl_linear_rows(
+    cfg: Config, name: str, model: Network, y_train: np.ndarray, y_test: np.ndarray, device: torch.device
+) -> list[dict[str, Any]]:
+    """One row per EVALUATE.LAYERS entry: VISSL's linear benchmark of `model`'s frozen trunk. TRAIN images get
+    VISSL's RandomResizedCrop and flip (DATA.TRANSFORMS without colour jitter: VISSL's benchmark has none)."""
+    v = cfg.EVALUATE.VISSL_LINEAR
+    augment = train_transform(cfg.DATA.TRANSFORMS.model_copy(update={"COLOR_JITTER": [0.0, 0.0, 0.0, 0.0]}))
+    train = LabelledDataset(build_dataset(cfg, "TRAIN", augment), y_train)
+    test = LabelledDataset(build_dataset(cfg, "TEST", eval_transform(cfg.DATA.TRANSFORMS)), y_test)
+    workers = cfg.DATA.NUM_DATALOADER_WORKERS
+    generator = torch.Generator().manual_seed(cfg.EXPERIMENT.SEED)
+    train_loader = torch.utils.data.DataLoader(
+        train, v.BATCH_SIZE, shuffle=True, drop_last=len(train) > v.BATCH_SIZE, num_workers=workers, generator=generator
+    )
+    test_loader = torch.utils.data.DataLoader(test, cfg.DATA.TEST.BATCHSIZE_PER_REPLICA, num_workers=workers)
+    torch.manual_seed(cfg.EXPERIMENT.SEED)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    layers = list(cfg.EVALUATE.LAYERS)
+    trunk = model.trunk.to(device)
+    results = train_linear_eval(trunk, layers, train_loader, test_loader, classes, v, device)
+    rows = []
+    for layer, (dim, correct) in results.items():
+        rows.append(
+            {
+                "model": name,
+                "layer": layer,
+                "dim": dim,
+                "protocol": "vissl_linear",
+                "linear_top1": top1(correct),
+                "correct": {"linear_top1": pack_correct(correct)},
+            }
+        )
+        log.info("evaluate %s/%s: %s", name, layer, row_summary(rows[-1]))
+    return rows
+
+
 def cluster_agreement(
-    store: Store, cfg: Config, manifest: dict[str, Any], y_train: np.ndarray, y_test: np.ndarray
+    store: Store, cfg: Config, trained_on: np.ndarray, y_train: np.ndarray, y_test: np.ndarray
 ) -> dict[str, Any]:
-    """NMI and ARI of the cluster labels against ground truth, per split (images without a label excluded)."""
+    """NMI and ARI against ground truth, per split (images without a label excluded), of the labels training used
+    (`trained_on`, from labels.load_labels: DATA.TRAIN.LABEL_PATHS when set, else the experiment's clusters), and
+    of the experiment's TEST assignment only when those clusters are what training used."""
+    out: dict[str, Any] = {"TRAIN": agreement(y_train, trained_on)}
+    if cfg.DATA.TRAIN.LABEL_PATHS:
+        return out
     folder = cluster_folder(cfg)
-    main_split = cfg.CLUSTERFIT.FEATURES.DATA_PARTITION
-    out: dict[str, Any] = {}
-    for split, truth in (("TRAIN", y_train), ("TEST", y_test)):
-        name = split_file(split, LABELS, main_split)
-        if name not in manifest["files"]:
-            continue
-        out[split] = agreement(truth, artifacts.load_array(store, folder, name, manifest))
+    manifest = artifacts.read_manifest(store, folder)
+    name = split_file("TEST", LABELS, cfg.CLUSTERFIT.FEATURES.DATA_PARTITION)
+    if name in manifest["files"]:
+        out["TEST"] = agreement(y_test, artifacts.load_array(store, folder, name, manifest))
     return out

@@ -27,6 +27,9 @@ import torch
 
 from clusterfit import artifacts, distributed
 from clusterfit.artifacts.layout import (
+    DATA_LIMIT_INDICES,
+    DATA_LIMIT_INDICES_KEY,
+    IMAGES_KEY,
     chunk_marker,
     extract_partitions,
     features_folder,
@@ -36,8 +39,16 @@ from clusterfit.artifacts.layout import (
 )
 from clusterfit.artifacts.lineage import StartWeights, start_weights
 from clusterfit.config import Config
-from clusterfit.data import ImageDataset, build_dataset, dataset_identity, eval_transform
-from clusterfit.models import Network, forward_features, memory_format
+from clusterfit.data import (
+    ImageDataset,
+    ImageSource,
+    build_dataset,
+    dataset_identity,
+    eval_transform,
+    images_identity,
+    subset_indices,
+)
+from clusterfit.models import Network, amp_enabled, forward_features, memory_format
 from clusterfit.runtime import progress
 from clusterfit.storage import NotFound, Store, array_to_bytes, open_store
 from clusterfit.weights import starting_model
@@ -68,7 +79,7 @@ def run(cfg: Config) -> ExtractResult:
     model: Network | None = None
     for partition in extract_partitions(cfg):
         folder = features_folder(partition)
-        fp = fingerprint(cfg, partition, start, layers)
+        fp = fingerprint(cfg, partition, start, layers, amp_enabled(cfg.MODEL.AMP_PARAMS.USE_AMP, dist.device))
         result.folders.append(folder)
         if artifacts.skip_if_published(store, folder, fp, f"extract {partition}"):
             result.skipped_partitions.append(partition)
@@ -82,7 +93,7 @@ def run(cfg: Config) -> ExtractResult:
         # Publication: rank 0, once every rank's chunks are done.
         distributed.barrier()
         if dist.is_main:
-            publish(cfg, store, folder, partition, fp, start, layers, len(dataset))
+            publish(cfg, store, folder, partition, fp, start, layers, dataset.source)
         distributed.barrier()
     log.info("extract: done; features under %s", store.uri("features"))
     return result
@@ -105,9 +116,11 @@ def model_identity(cfg: Config, start: StartWeights, layers: list[str]) -> dict[
     }
 
 
-def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[str]) -> str:
+def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[str], amp: bool) -> str:
+    """The chunks' identity; the precision is in it, so a resumed step never mixes bf16 and fp32 parts."""
     tree = {
         "model": model_identity(cfg, start, layers),
+        "precision": "bf16" if amp else "fp32",
         "data": dataset_identity(cfg, partition),
         "chunk": cfg.EXTRACT.CHUNK_SIZE,
     }
@@ -154,10 +167,13 @@ def extract_chunks(
         pin_memory=dist.device.type == "cuda",
     )
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]] = {}
+    # bf16 autocast and channels_last as training runs; the features are written as float32.
     fmt = memory_format(cfg.MODEL.CHANNELS_LAST)
+    amp = amp_enabled(cfg.MODEL.AMP_PARAMS.USE_AMP, dist.device)
     batches_seen = progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch")
     for images, index, ok in batches_seen:
-        feats = forward_features(model, images.to(dist.device, non_blocking=True), layers, cfg.EXTRACT.POOL_SIZE, fmt)
+        on_device = images.to(dist.device, non_blocking=True)
+        feats = forward_features(model, on_device, layers, cfg.EXTRACT.POOL_SIZE, fmt, amp=amp)
         chunk = int(index[0]) // size
         pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
         expected = min((chunk + 1) * size, total) - chunk * size
@@ -204,9 +220,17 @@ def write_chunk(
 
 
 def publish(
-    cfg: Config, store: Store, folder: str, partition: str, fp: str, start: StartWeights, layers: list[str], total: int
+    cfg: Config,
+    store: Store,
+    folder: str,
+    partition: str,
+    fp: str,
+    start: StartWeights,
+    layers: list[str],
+    source: ImageSource,
 ) -> None:
     started = time.time()
+    total = len(source)
     num_chunks = math.ceil(total / cfg.EXTRACT.CHUNK_SIZE)
     ledger = artifacts.Ledger(store, folder)
     skipped: list[int] = []
@@ -229,6 +253,12 @@ def publish(
             len(skipped),
             skipped[:20],
         )
+    # Which images these are (what cluster keeps beside its labels), and which ones DATA_LIMIT kept.
+    data_extra: dict[str, Any] = {IMAGES_KEY: images_identity(source)}
+    kept = subset_indices(source)
+    if kept is not None:
+        ledger.put_array(DATA_LIMIT_INDICES, kept)
+        data_extra[DATA_LIMIT_INDICES_KEY] = DATA_LIMIT_INDICES
     artifacts.publish(
         ledger,
         step="extract",
@@ -244,6 +274,7 @@ def publish(
             "skipped_indices": skipped,
             "dims": dims,
             "model": model_identity(cfg, start, layers),
+            **data_extra,
         },
     )
     log.info(

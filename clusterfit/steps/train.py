@@ -49,7 +49,7 @@ def run(cfg: Config) -> FitResult:
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     images = build_dataset(cfg, "TRAIN", train_transform(cfg.DATA.TRANSFORMS))
     # Labels first: a bad label file fails here, before any model is built.
-    labels, source, digest = load_labels(cfg, store, len(images))
+    labels, source, digest = load_labels(cfg, store, len(images), images.source)
     fp = fingerprint(cfg, digest)
     if artifacts.skip_if_published(store, TRAIN, fp, "train"):
         return FitResult(TRAIN, skipped=True)

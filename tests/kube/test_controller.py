@@ -436,7 +436,8 @@ def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> N
         detached = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         read_until(detached, "PyTorchJob fit-extract: Running")
         detached.send_signal(signal.SIGINT)
-        err = detached.communicate(timeout=30)[1]
+        # Seen once past 30 s in a full-suite run (not reproduced alone): allow a slow, loaded machine more.
+        err = detached.communicate(timeout=90)[1]
         assert detached.returncode == 130 and "detached: PyTorchJob fit-extract keeps running" in err, err
         assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
 
