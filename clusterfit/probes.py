@@ -102,19 +102,6 @@ def unpack_correct(packed: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8), count=n).astype(bool)
 
 
-def knn_top1(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    k: int,
-    temperature: float,
-    device: torch.device = CPU,
-) -> float:
-    """Top-1 (%) of `knn_correct`."""
-    return top1(knn_correct(x_train, y_train, x_test, y_test, k, temperature, device))
-
-
 def knn_correct(
     x_train: np.ndarray,
     y_train: np.ndarray,

@@ -13,11 +13,12 @@ import torch
 from clusterfit.config import ConfigError
 from clusterfit.probes import (
     compare,
-    knn_top1,
+    knn_correct,
     low_shot_subsets,
     mcnemar,
     pack_correct,
     seed_spread,
+    top1,
     unpack_correct,
 )
 from clusterfit.steps.evaluate import pixel_features
@@ -55,8 +56,8 @@ def test_low_shot_knn_uses_only_the_subset_as_its_memory_bank() -> None:
     wrong = y.copy()
     wrong[[0, 20, 40]] = [1, 2, 0]  # the only images a 1-shot subset of indices {0, 20, 40} sees, mislabelled
     one_shot = np.array([0, 20, 40])
-    assert knn_top1(x[one_shot], wrong[one_shot], x, y, k=20, temperature=0.07) < 5.0
-    assert knn_top1(x, wrong, x, y, k=20, temperature=0.07) > 90.0
+    assert top1(knn_correct(x[one_shot], wrong[one_shot], x, y, k=20, temperature=0.07)) < 5.0
+    assert top1(knn_correct(x, wrong, x, y, k=20, temperature=0.07)) > 90.0
 
 
 def correct_vector(n: int, right: range | list[int]) -> np.ndarray:
