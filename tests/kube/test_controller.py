@@ -61,11 +61,21 @@ def container_args(job: dict[str, Any]) -> str:
     return " ".join([*(container.get("command") or []), *(container.get("args") or [])])
 
 
-def default_sigint() -> None:
-    """In the child, before exec: SIGINT as a terminal delivers it. A test run started in the background
-    by a non-interactive shell (`.ci/run &`) inherits SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler, so Ctrl-C would do nothing and the test would wait forever."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def start_submit(command: list[str], ex: Experiment, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """`clusterfit submit` in the background, stderr piped, stdout to `stdin`'s terminal when it is one.
+
+    The child gets SIGINT's default disposition: a test run started in the background by a
+    non-interactive shell (`.ci/run &`) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so a Ctrl-C test would wait forever."""
+    return subprocess.Popen(
+        command,
+        cwd=ex.folder,
+        stdin=stdin,
+        stdout=stdin if stdin != subprocess.DEVNULL else None,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def read_until(process: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
@@ -272,11 +282,11 @@ def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Expe
     scripts = {"cluster": Script(hold=hold)}
     command = ex.submit_command(config)
     with FakeOperator(ex, cfg, scripts) as operator:
-        first = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        first = start_submit(command, ex)
         assert scripts["cluster"].running.wait(timeout=60), "the cluster step never started"
         first.send_signal(signal.SIGKILL)  # mid-pipeline, while it follows the Running cluster job
         first.wait(timeout=10)
-        second = subprocess.Popen(command, cwd=ex.folder, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        second = start_submit(command, ex)
         err = read_until(second, "adopted the existing PyTorchJob fit-cluster")  # before the step ends
         hold.set()
         err += second.communicate(timeout=60)[1]
@@ -440,14 +450,7 @@ def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> N
     config, cfg = ex.config(steps=["extract"])
     command = ex.submit_command(config)
     with FakeOperator(ex, cfg, {"extract": Script(hold=threading.Event())}):
-        detached = subprocess.Popen(
-            command,
-            cwd=ex.folder,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            preexec_fn=default_sigint,
-        )
+        detached = start_submit(command, ex)
         read_until(detached, "PyTorchJob fit-extract: Running")
         detached.send_signal(signal.SIGINT)
         err = detached.communicate(timeout=30)[1]
@@ -455,9 +458,7 @@ def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> N
         assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
 
         terminal, tty = pty.openpty()  # stdin is a terminal: Ctrl-C asks, and "c" cancels
-        asked = subprocess.Popen(
-            command, cwd=ex.folder, stdin=tty, stdout=tty, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
-        )
+        asked = start_submit(command, ex, stdin=tty)
         read_until(asked, "PyTorchJob fit-extract: Running")  # adopted, followed
         asked.send_signal(signal.SIGINT)
         os.write(terminal, b"c\n")
