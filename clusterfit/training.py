@@ -66,22 +66,16 @@ def peak_lr(opt: OptimizerConfig, global_batch: float) -> float:
 
 
 def lr_at(epoch: float, opt: OptimizerConfig, global_batch: int, num_nodes: int) -> float:
-    """LR at a fractional epoch: linear warm-up (when it applies), then x GAMMA at each milestone.
+    """LR at a fractional epoch: VISSL's composite schedule (linear warm-up, then x GAMMA at each milestone).
 
-    WARMUP_SCHEDULE "vissl" is VISSL's composite schedule with update_interval epoch: the LR of a whole
-    epoch is its value at the epoch's start, and the warm-up goes from the LR of one node's batch
-    (global_batch / num_nodes) to the scaled LR, so it vanishes on one node. "zero_per_step" ramps from
-    about 0 at every step.
+    The LR is set once per epoch (VISSL's update_interval epoch), and the warm-up goes from the LR of one
+    node's batch (global_batch / num_nodes) to the scaled LR, so it vanishes on one node.
     """
     top = peak_lr(opt, global_batch)
-    warmup = opt.WARMUP_EPOCHS if (num_nodes > 1 or not opt.WARMUP_MULTI_NODE_ONLY) else 0
-    if opt.WARMUP_SCHEDULE == "vissl":
-        epoch = math.floor(epoch)
-        if epoch < warmup:
-            start = peak_lr(opt, global_batch / num_nodes)
-            return start + (top - start) * epoch / warmup
-    elif epoch < warmup:
-        return top * (epoch + 1e-3) / warmup
+    epoch = math.floor(epoch)
+    if epoch < opt.WARMUP_EPOCHS:
+        start = peak_lr(opt, global_batch / num_nodes)
+        return start + (top - start) * epoch / opt.WARMUP_EPOCHS
     return top * opt.GAMMA ** sum(epoch >= m for m in opt.MILESTONES)
 
 

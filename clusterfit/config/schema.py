@@ -395,17 +395,12 @@ class OptimizerConfig(Section):
     BASE_LR: float = Field(0.1, gt=0, description="Learning rate at BASE_LR_BATCH_SIZE images per step.")
     BASE_LR_BATCH_SIZE: int = Field(256, ge=1, description="Global batch size BASE_LR refers to.")
     AUTO_SCALE_LR: bool = Field(True, description="Scale BASE_LR linearly by global batch / BASE_LR_BATCH_SIZE.")
-    WARMUP_EPOCHS: int = Field(5, ge=0, description="Linear warm-up epochs.")
-    WARMUP_MULTI_NODE_ONLY: bool = Field(
-        True, description="Warm up only when DISTRIBUTED.NUM_NODES > 1 (VISSL's recipe)."
-    )
-    WARMUP_SCHEDULE: Literal["vissl", "zero_per_step"] = Field(
-        "vissl",
-        description="vissl: VISSL's composite schedule (linear, then multistep; update_interval epoch): the LR is "
-        "set once per epoch and the warm-up ramps from the LR of one node's batch (BASE_LR x per-node batch / "
-        "BASE_LR_BATCH_SIZE when AUTO_SCALE_LR) to the scaled LR, so on one node there is none. zero_per_step: "
-        "ramp from about 0, updated every step (this project's earlier schedule, kept as an option; not measured "
-        "better).",
+    WARMUP_EPOCHS: int = Field(
+        5,
+        ge=0,
+        description="Linear warm-up epochs, VISSL's composite schedule (linear, then multistep; update_interval "
+        "epoch): the LR is set once per epoch and ramps from the LR of one node's batch (BASE_LR x per-node batch / "
+        "BASE_LR_BATCH_SIZE when AUTO_SCALE_LR) to the scaled LR, so on one node there is none.",
     )
     MILESTONES: list[int] = Field(
         default_factory=lambda: [30, 60, 90, 100], description="Epochs at which the LR is multiplied by GAMMA."

@@ -279,7 +279,7 @@ def test_step2_recipe_carries_vissls_hyperparameters() -> None:
     assert opt.WEIGHT_DECAY == 1e-4 and opt.REGULARIZE_BN is False
     assert (opt.BASE_LR, opt.BASE_LR_BATCH_SIZE, opt.AUTO_SCALE_LR) == (0.1, 256, True)
     assert (opt.MILESTONES, opt.GAMMA) == ([30, 60, 90, 100], 0.1)
-    assert (opt.WARMUP_EPOCHS, opt.WARMUP_MULTI_NODE_ONLY) == (5, True)
+    assert opt.WARMUP_EPOCHS == 5
     transforms = cfg.DATA.TRANSFORMS
     assert transforms.TRAIN_CROP_SIZE == 224 and transforms.TRAIN_MIN_SCALE == 0.08
     assert transforms.COLOR_JITTER == [0.4, 0.4, 0.4, 0.2] and transforms.HORIZONTAL_FLIP is True
