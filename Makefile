@@ -34,8 +34,9 @@ test: node-prep $(VENV)/.installed lint
 	bash tests/infra/prepare_node.sh wait
 	$(PY) -m pytest -m node tests/node
 
-# Only the fast tests (no root, no node).
+# Only the fast tests (no node; root once, for the Debian packages of install_node_deps.sh).
 unit: $(VENV)/.installed lint
+	bash tests/infra/install_node_deps.sh
 	bash tests/infra/build_bins.sh
 	$(PY) -m pytest
 

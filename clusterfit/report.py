@@ -231,7 +231,7 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
     source = f" `{metrics['cluster_labels']}`" if "cluster_labels" in metrics else ""
     for split, values in metrics["clusters"].items():
         parts.append(
-            f"Training labels{source} vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}"
+            f"- Training labels{source} vs. ground truth ({split}): NMI {values['nmi']:.3f}, ARI {values['ari']:.3f}"
         )
     parts.append("")
     for title, name in images:
@@ -239,41 +239,28 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
     return "\n".join(parts)
 
 
-def to_html(text: str) -> str:
-    """The Markdown above as minimal HTML (headings, lists, tables, images), no extra dependency."""
-    style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-    style += "td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-    out = ["<!doctype html><meta charset='utf-8'><title>ClusterFit report</title>", f"<style>{style}</style>"]
-    in_table, in_list = False, False
-    for line in text.splitlines():
-        if line.startswith("| ---"):
-            continue
-        if in_table and not line.startswith("|"):
-            out.append("</table>")
-            in_table = False
-        if in_list and not line.startswith("- "):
-            out.append("</ul>")
-            in_list = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("|"):
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-            out.append(
-                "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-            )
-        elif line.startswith("- "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append("<li>" + html.escape(line[2:]).replace("**", "") + "</li>")
-        elif line.startswith("!["):
-            out.append(f"<img src='{html.escape(line[line.index('(') + 1 : -1])}' style='max-width:100%'>")
-        elif line:
-            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
-    return "\n".join(out + (["</table>"] if in_table else []) + (["</ul>"] if in_list else []))
+STYLE = (
+    "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+    "th{text-align:left}img{max-width:100%}"
+)
+
+
+def to_html(text: str, title: str) -> str:
+    """The report's Markdown as a standalone HTML page (Python-Markdown with its tables extension).
+
+    Raw HTML in the text is shown as text, not interpreted: names and URIs in the report come from the
+    config, and a `<` in them must neither vanish nor become markup."""
+    import markdown as md
+
+    converter = md.Markdown(extensions=["tables"], output_format="html")
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert(text)
+    return (
+        f"<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n<title>{html.escape(title)}</title>\n"
+        f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
@@ -301,4 +288,4 @@ def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str
         images.append(("Training curves", TRAINING_CURVES_PNG))
     text = markdown(cfg, metrics, images)
     ledger.put_bytes(REPORT_MD, text.encode())
-    ledger.put_bytes(REPORT_HTML, to_html(text).encode())
+    ledger.put_bytes(REPORT_HTML, to_html(text, f"ClusterFit report: {cfg.EXPERIMENT.NAME}").encode())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import view
 from tests.conftest import cli, tiny_overrides
 
 
@@ -43,7 +44,13 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path: Path) -> None:
     assert summary in report and summary in first.stdout
     for png in ("cluster_sizes.png", "cluster_examples.png", "training_curves.png"):
         assert (root / "eval" / png).read_bytes()[:4] == b"\x89PNG"
-    assert "<table>" in (root / "eval/report.html").read_text()
+    # What users see: the HTML report in a real browser, every image decoded, the evaluation table there.
+    page = view(root / "eval/report.html")
+    (tmp_path / "report.png").write_bytes(page.screenshot)
+    assert page.broken_images == [] and len(page.images) == 3, page.images
+    assert "Example images per cluster (nearest to the centroid first)" in page.headings
+    table = next(t for t in page.tables if t[0][:4] == ["model", "layer", "dim", "kNN top-1 (%)"])
+    assert {(row[0], row[1]) for row in table[1:]} == models
 
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     again = cli("run", *overrides)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install, once per machine, the Debian packages the test node (tests/infra/node.py) and its image
-# builds need. Idempotent: prints nothing and touches nothing when everything is already installed.
+# Install, once per machine, the Debian packages the tests need: the test node (tests/infra/node.py)
+# and its image builds, the browser that opens the run report, and Fashion-MNIST. Idempotent: prints nothing and touches nothing when everything is already installed.
 #
 #   sudo bash tests/infra/install_node_deps.sh
 #
@@ -13,6 +13,8 @@
 #   debootstrap buildah             the test images (a debootstrapped Debian base, built with buildah)
 #   gcc libc6-dev                   the pod sandbox image's static pause program (tests/infra/pause.c)
 #   skopeo                          copies built images out of buildah's storage (tests/infra/images.py)
+#   chromium chromium-driver        headless Chromium, driven by Selenium, opens the HTML report (tests/browser.py)
+#   dataset-fashion-mnist           Fashion-MNIST's IDX files in /usr/share/datasets/fashion-mnist (config=fashion-mnist)
 set -euo pipefail
 
 packages=(
@@ -22,6 +24,8 @@ packages=(
   openssl ca-certificates
   debootstrap buildah
   gcc libc6-dev skopeo
+  chromium chromium-driver
+  dataset-fashion-mnist
 )
 
 say() { echo "install_node_deps: $*" >&2; }
