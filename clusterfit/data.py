@@ -4,6 +4,8 @@ Sources (`DATA.<SPLIT>.DATA_SOURCES`):
 - `disk_folder`: an ImageFolder tree `<root>/<class>/<image>`, local or an `s3://` prefix; classes
   and files sorted, as torchvision's ImageFolder orders them.
 - `disk_filelist`: a text file, one `path[,label]` per line (paths relative to the list's folder).
+- `mnist_idx`: a folder (or `s3://` prefix) of MNIST-format IDX files: Fashion-MNIST, MNIST, KMNIST
+  (clusterfit/idx.py); TRAIN is `train-*`, TEST `t10k-*`.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (real images, no download), upsampled to
   RGB; TRAIN is every index with i % 5 != 0, TEST the rest.
 - `synthetic`: deterministic random images with 10 classes, for tests.
@@ -33,13 +35,14 @@ from torchvision import transforms as T
 
 from clusterfit.config import Config, DataSplitConfig, TransformsConfig
 from clusterfit.errors import UserError
+from clusterfit.idx import IdxSource
 from clusterfit.storage import Store, open_store, read_uri, split_uri
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # DATA_LIMIT_SAMPLING.METHOD auto: VISSL's random draw where the dataset order is by class or by a list
 # someone wrote; digits and synthetic are class-mixed already and keep their nested first-N subsets.
-RANDOM_LIMIT_SOURCES = ("disk_folder", "disk_filelist")
+RANDOM_LIMIT_SOURCES = ("disk_folder", "disk_filelist", "mnist_idx")
 
 
 class DatasetError(UserError, ValueError):
@@ -228,7 +231,9 @@ def build_source(cfg: Config, partition: str) -> ImageSource:
         if len(split.DATA_PATHS) != 1:
             raise DatasetError(f"{key}.DATA_PATHS: {split.source} needs exactly one path, got {split.DATA_PATHS}")
         path = split.DATA_PATHS[0]
-        if split.source == "disk_folder":
+        if split.source == "mnist_idx":
+            source = IdxSource(open_store(path, cfg.STORAGE), partition, split.IMAGE_SIZE, f"{key}.DATA_PATHS")
+        elif split.source == "disk_folder":
             # TEST's class ids are TRAIN's: a class TEST lacks must not shift the ids of the classes after it.
             classes = train_class_list(cfg) if partition != "TRAIN" else None
             source = folder_source(path, cfg, f"{key}.DATA_PATHS", classes)

@@ -117,15 +117,17 @@ class DataLimitSamplingConfig(Section):
 
 
 class DataSplitConfig(Section):
-    DATA_SOURCES: list[Literal["disk_folder", "disk_filelist", "digits", "synthetic"]] = Field(
+    DATA_SOURCES: list[Literal["disk_folder", "disk_filelist", "mnist_idx", "digits", "synthetic"]] = Field(
         default_factory=list,
         max_length=1,
-        description="Where images come from: an ImageFolder tree (local or s3://), a file list, scikit-learn's "
-        "digits, or synthetic images. Empty: the split is not used.",
+        description="Where images come from: an ImageFolder tree (local or s3://), a file list, a folder of "
+        "MNIST-format IDX files (Fashion-MNIST, MNIST, KMNIST: train-*/t10k-*-idx?-ubyte[.gz], local or s3://), "
+        "scikit-learn's digits, or synthetic images. Empty: the split is not used.",
     )
     DATA_PATHS: list[str] = Field(
         default_factory=list,
-        description="disk_folder: the folder or s3:// prefix; disk_filelist: the list file (path[,label] per line).",
+        description="disk_folder: the folder or s3:// prefix; disk_filelist: the list file (path[,label] per line); "
+        "mnist_idx: the folder or s3:// prefix holding the IDX files.",
     )
     LABEL_PATHS: list[str] = Field(
         default_factory=list,
@@ -149,7 +151,9 @@ class DataSplitConfig(Section):
         default_factory=DataLimitSamplingConfig, description="Which images DATA_LIMIT keeps."
     )
     SYNTHETIC_SIZE: int = Field(256, ge=1, description="synthetic: number of images.")
-    IMAGE_SIZE: int = Field(32, ge=8, description="digits/synthetic: side of the generated RGB image in pixels.")
+    IMAGE_SIZE: int = Field(
+        32, ge=8, description="digits/synthetic/mnist_idx: side of the RGB image made from the source in pixels."
+    )
 
     @property
     def enabled(self) -> bool:
