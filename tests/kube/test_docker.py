@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def test_step_image_runs_the_steps(image_env: Callable[[str], Path], tmp_path: P
     code = f"import torch, torchvision, {steps}; print(torch.__version__)"
     version = ok(run_in(venv, "python", "-c", code, cwd=tmp_path)).strip()
     assert f"torch=={version.split('+')[0]}\n" in (DOCKER / "requirements-step.txt").read_text()
+    # evaluate's report: Markdown to HTML with the image's own libraries
+    render = "from clusterfit.report import to_html; print(to_html('| a |\\n|---|\\n| 1 |', 't'))"
+    html = ok(run_in(venv, "python", "-c", render, cwd=tmp_path))
+    assert "<td>1</td>" in html, html
     # configs/ come from CLUSTERFIT_CONFIG_DIR, as in the image
     assert "NAME: quickstart" in ok(run_in(venv, "clusterfit", "config", "show", "config=quickstart", cwd=tmp_path))
 
@@ -206,6 +211,17 @@ def test_locks_pin_everything_and_keep_torch_where_it_belongs() -> None:
         assert wanted <= pins, f"{in_file.name}: not locked: {wanted - pins}"
         assert ("torch" in pins) == (in_file.name == "requirements-step.in"), in_file.name
     assert "faiss-gpu-cu12" in (DOCKER / "requirements-cluster.txt").read_text()
+
+
+def test_step_image_has_what_the_torch_extra_declares() -> None:
+    """A dependency added to the package's `torch` extra (the steps' libraries) must reach the step
+    image too: markdown once did not, and every evaluate pod failed on the real node."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["torch"]
+    names = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower() for spec in declared}
+    wanted = {line.split("#")[0].strip().lower() for line in (DOCKER / "requirements-step.in").read_text().splitlines()}
+    # kubernetes is the controller's (submit, render); no step talks to the API server
+    assert names - {"kubernetes"} <= wanted, f"requirements-step.in lacks {sorted(names - {'kubernetes'} - wanted)}"
 
 
 def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
