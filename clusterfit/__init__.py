@@ -30,6 +30,7 @@ from clusterfit.errors import UserError
 
 if TYPE_CHECKING:
     from clusterfit.pipeline import PipelineResult
+    from clusterfit.steps import Results
     from clusterfit.steps.cluster import ClusterResult
     from clusterfit.steps.evaluate import EvalResult
     from clusterfit.steps.extract import ExtractResult
@@ -71,15 +72,17 @@ def extract(cfg: Config) -> ExtractResult:
     return extract.run(cfg)
 
 
-def cluster(cfg: Config) -> ClusterResult:
-    """k-means of the features: `clusters/<layer>-k<K>/` (centroids, labels in dataset order, stats)."""
+def cluster(cfg: Config) -> ClusterResult | Results:
+    """k-means of the features: `clusters/<layer>-k<K>/` (centroids, labels in dataset order, stats); one
+    result per K of a sweep."""
     from clusterfit.steps import cluster
 
     return cluster.run(cfg)
 
 
-def train(cfg: Config) -> FitResult:
-    """A network from scratch on the cluster labels: `train/final.pt`."""
+def train(cfg: Config) -> FitResult | Results:
+    """A network from scratch on the cluster labels: `train/final.pt` (`train-k<K>/` per K of a sweep; the
+    supervised upper bound in `supervised/`); one result per network when there are several."""
     from clusterfit.steps import train
 
     return train.run(cfg)

@@ -21,7 +21,7 @@ import os
 import sys
 
 from clusterfit import __version__
-from clusterfit.config import STEPS, Config, config_from_args, to_yaml
+from clusterfit.config import STEPS, Config, ConfigError, config_from_args, to_yaml
 from clusterfit.errors import UserError
 from clusterfit.pipeline import run_pipeline, run_step
 from clusterfit.runtime import Interrupted, setup_logging
@@ -107,6 +107,12 @@ def dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "run":
         run_pipeline(cfg)
         return 0
+    if cfg.EXPERIMENT.SEEDS:
+        raise ConfigError(
+            f"EXPERIMENT.SEEDS={cfg.EXPERIMENT.SEEDS}: `clusterfit run` runs the steps once per seed; to run one step "
+            f"of one seed, add config.EXPERIMENT.SEEDS=[] config.EXPERIMENT.SEED=<seed> "
+            f"config.EXPERIMENT.ROOT={cfg.EXPERIMENT.root_uri}/seed-<seed>"
+        )
     result = run_step(ns.command, cfg)
     log.info("%s: %s", ns.command, result)
     return 0

@@ -5,6 +5,8 @@
 Each step skips itself when its `_SUCCESS.json` matches its config and inputs, and resumes when
 it died (extract by chunk, pretrain/train by checkpoint). A rerun of a finished run does no work
 and says so. On Kubernetes the controller runs the same steps, one PyTorchJob each.
+With EXPERIMENT.SEEDS, the steps run once per seed, each seed under `<ROOT>/seed-<seed>`, and a
+summary over the seeds follows (clusterfit/seeds.py).
 """
 
 from __future__ import annotations
@@ -48,11 +50,35 @@ def run_step(step: str, cfg: Config) -> StepResult:
 
 
 def run_pipeline(cfg: Config) -> PipelineResult:
+    """PIPELINE.STEPS in order; with EXPERIMENT.SEEDS, all of them once per seed, then the summary over seeds."""
+    if "evaluate" in cfg.PIPELINE.STEPS:
+        importlib.import_module("clusterfit.steps.evaluate").preflight(cfg)
+    if not cfg.EXPERIMENT.SEEDS:
+        result = run_steps(cfg)
+        print_outcome(result, cfg.EXPERIMENT.root_uri)
+        return result
+    result = PipelineResult()
+    for seed in cfg.EXPERIMENT.SEEDS:
+        log.info("run: seed %d of EXPERIMENT.SEEDS %s", seed, cfg.EXPERIMENT.SEEDS)
+        one = run_steps(cfg.with_seed(seed))
+        result.ran += [f"{step} (seed {seed})" for step in one.ran]
+        result.skipped += [f"{step} (seed {seed})" for step in one.skipped]
+        result.wall_s |= {f"{step} (seed {seed})": t for step, t in one.wall_s.items()}
+    if "evaluate" in cfg.PIPELINE.STEPS:
+        started = time.perf_counter()
+        summary = importlib.import_module("clusterfit.seeds").summarize(cfg)
+        result.wall_s["summary"] = time.perf_counter() - started
+        (result.skipped if summary.skipped else result.ran).append("summary")
+        result.report_uri, result.summary = summary.report_uri, summary.summary
+    print_outcome(result, cfg.EXPERIMENT.root_uri)
+    return result
+
+
+def run_steps(cfg: Config) -> PipelineResult:
+    """One experiment's steps, in order, in this process."""
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     steps = cfg.PIPELINE.STEPS
     log.info("run: experiment %s, steps %s, artifacts at %s", cfg.EXPERIMENT.NAME, " -> ".join(steps), store.uri())
-    if "evaluate" in steps:
-        importlib.import_module("clusterfit.steps.evaluate").preflight(cfg)
     result = PipelineResult()
     for step in steps:
         started = time.perf_counter()
@@ -64,7 +90,6 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         if step == "evaluate":
             result.summary = cast("EvalResult", outcome).summary
             result.report_uri = store.uri(f"{EVAL}/{REPORT_HTML}")
-    print_outcome(result, store.uri())
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -194,7 +195,7 @@ def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, resamples: int = 1000
         deltas[i] = 100.0 * rows[:, rng.integers(0, n, n)].mean()
     p_value = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
     low, high = np.percentile(deltas, [2.5, 97.5])
-    return {"p_value": p_value, "interval_95": [float(low), float(high)]}
+    return {"p_value": p_value, "interval_95": [float(low), float(high)], "resamples": resamples}
 
 
 def metric_values(row: dict[str, Any]) -> dict[str, tuple[int | None, float]]:
@@ -219,21 +220,28 @@ def paired_test(ours: np.ndarray, theirs: np.ndarray, seed: int) -> dict[str, An
     return {"test": "paired bootstrap", **paired_bootstrap(ours, theirs, seed=seed)}
 
 
+def is_clusterfit(model: str) -> bool:
+    """A ClusterFit row: `clusterfit`, or `clusterfit-k<K>` per K of a sweep."""
+    return model == "clusterfit" or model.startswith("clusterfit-k")
+
+
 def pairs(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any], str]]:
-    """(layer, ClusterFit's row, its reference's row, the reference's name) per layer both have; the reference is
-    the starting model, else the random trunk."""
+    """(layer, a ClusterFit row, its reference's row, the reference's name) per ClusterFit network and layer both
+    have; the reference is the starting model, else the random trunk."""
     by_key = {(r["model"], r["layer"]): r for r in rows}
     reference = "start" if any(r["model"] == "start" for r in rows) else "random"
     return [
         (layer, row, by_key[(reference, layer)], reference)
         for (model, layer), row in by_key.items()
-        if model == "clusterfit" and (reference, layer) in by_key
+        if is_clusterfit(model) and (reference, layer) in by_key
     ]
 
 
 def compare(rows: list[dict[str, Any]], n_test: int, alpha: float = 0.05, seed: int = 0) -> list[dict[str, Any]]:
-    """ClusterFit vs. its reference (`pairs`) per layer and metric, with a verdict from a paired test on the same
-    test images: better or worse when p < alpha, else within noise."""
+    """ClusterFit vs. its reference (`pairs`) per network, layer and metric, with a verdict from a paired test on
+    the same test images: better or worse when p < alpha, else within noise. With a supervised row, `gap_closed`
+    is the share of the reference-to-supervised gap that ClusterFit closes."""
+    supervised = {r["layer"]: metric_values(r) for r in rows if r["model"] == "supervised"}
     out = []
     for layer, row, base, reference in pairs(rows):
         theirs = metric_values(base)
@@ -243,36 +251,41 @@ def compare(rows: list[dict[str, Any]], n_test: int, alpha: float = 0.05, seed: 
             delta = value - ref_value
             real = test["p_value"] < alpha
             verdict = "better" if real and delta > 0 else "worse" if real and delta < 0 else "within noise"
-            out.append(
-                {
-                    "layer": layer,
-                    "metric": metric,
-                    "shots": shots,
-                    "reference": reference,
-                    "reference_value": ref_value,
-                    "clusterfit": value,
-                    "delta": delta,
-                    **test,
-                    "verdict": verdict,
-                }
-            )
+            entry = {
+                "model": row["model"],
+                "layer": layer,
+                "metric": metric,
+                "shots": shots,
+                "reference": reference,
+                "reference_value": ref_value,
+                "clusterfit": value,
+                "delta": delta,
+                **test,
+                "verdict": verdict,
+            }
+            if layer in supervised and metric in supervised[layer]:
+                entry["supervised"] = upper = supervised[layer][metric][1]
+                entry["gap_closed"] = delta / (upper - ref_value) if upper > ref_value else None
+            out.append(entry)
     return out
 
 
 def seed_spread(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation (ddof=1) over training seeds, per layer and metric, of ClusterFit's top-1, its
-    reference's and their difference; `runs` are metrics.json dicts of the same experiment with other seeds."""
-    values: dict[tuple[str, str, int | None], list[tuple[float, float]]] = {}
+    """Mean and standard deviation (ddof=1) over training seeds, per ClusterFit network, layer and metric, of
+    ClusterFit's top-1, its reference's and their difference; `runs` are metrics.json dicts of the same experiment
+    with other seeds."""
+    values: dict[tuple[str, str, str, int | None], list[tuple[float, float]]] = {}
     for metrics in runs:
         for layer, row, base, _ in pairs(metrics["rows"]):
             theirs = metric_values(base)
             for metric, (shots, value) in metric_values(row).items():
-                values.setdefault((layer, metric, shots), []).append((value, theirs[metric][1]))
+                values.setdefault((row["model"], layer, metric, shots), []).append((value, theirs[metric][1]))
     out = []
-    for (layer, metric, shots), found in values.items():
+    for (model, layer, metric, shots), found in values.items():
         ours, theirs_ = np.array(found).T
         out.append(
             {
+                "model": model,
                 "layer": layer,
                 "metric": metric,
                 "shots": shots,
@@ -284,6 +297,89 @@ def seed_spread(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "delta_std": sample_std(ours - theirs_),
             }
         )
+    return out
+
+
+def combine_seeds(runs: list[dict[str, Any]], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """One verdict per ClusterFit network, layer and metric over several training seeds (`runs`: each seed's
+    metrics.json). Each seed's paired test (same test images) gives a two-sided p and the sign of its difference;
+    Stouffer's method combines them (z_i = sign x Phi^-1(1 - p_i / 2), Z = sum z_i / sqrt(n)). Better or worse
+    needs the combined p < alpha and the same sign in every seed, so that one lucky seed cannot carry it;
+    otherwise within noise. Means and sample standard deviations (ddof=1) over seeds come with it."""
+    normal = NormalDist()
+    found: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for metrics in runs:
+        for c in metrics["comparison"]:
+            found.setdefault((c.get("model", "clusterfit"), c["layer"], c["metric"]), []).append(c)
+    out = []
+    for (model, layer, metric), per_seed in found.items():
+        deltas = np.array([c["delta"] for c in per_seed])
+        z = [math.copysign(normal.inv_cdf(1 - p_floor(c) / 2), c["delta"]) for c in per_seed]
+        combined = sum(z) / math.sqrt(len(z))
+        p_value = 2 * (1 - normal.cdf(abs(combined)))
+        agree = bool((deltas > 0).all() or (deltas < 0).all())
+        real = p_value < alpha and agree
+        verdict = "better" if real and combined > 0 else "worse" if real and combined < 0 else "within noise"
+        ours = np.array([c["clusterfit"] for c in per_seed])
+        theirs = np.array([c["reference_value"] for c in per_seed])
+        entry = {
+            "model": model,
+            "layer": layer,
+            "metric": metric,
+            "shots": per_seed[0]["shots"],
+            "reference": per_seed[0]["reference"],
+            "seeds": len(per_seed),
+            "clusterfit_mean": float(ours.mean()),
+            "clusterfit_std": sample_std(ours),
+            "reference_mean": float(theirs.mean()),
+            "reference_std": sample_std(theirs),
+            "delta_mean": float(deltas.mean()),
+            "delta_std": sample_std(deltas),
+            "deltas": deltas.tolist(),
+            "p_values": [c["p_value"] for c in per_seed],
+            "test": "Stouffer over seeds of " + per_seed[0]["test"],
+            "p_value": p_value,
+            "same_sign": agree,
+            "verdict": verdict,
+        }
+        if all("supervised" in c for c in per_seed):
+            upper = np.array([c["supervised"] for c in per_seed])
+            entry["supervised_mean"], entry["supervised_std"] = float(upper.mean()), sample_std(upper)
+            span = entry["supervised_mean"] - entry["reference_mean"]
+            entry["gap_closed"] = entry["delta_mean"] / span if span > 0 else None  # no gap: nothing to close
+        out.append(entry)
+    return out
+
+
+def p_floor(comparison: dict[str, Any]) -> float:
+    """A comparison's p-value, at least the smallest its test can resolve: 1 / resamples for a bootstrap (whose p
+    is 0 when no resample crosses zero), 1e-12 for McNemar's exact mid-p."""
+    return max(comparison["p_value"], 1.0 / comparison.get("resamples", 1e12))
+
+
+def mean_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every (model, layer) row over the seeds' metrics.json, in row order and in a row's own format (kNN, low-shot
+    and linear top-1 as the mean over seeds) with `std`: each metric's sample std over seeds."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for metrics in runs:
+        for row in metrics["rows"]:
+            found.setdefault((row["model"], row["layer"]), []).append(row)
+    out = []
+    for (model, layer), rows in found.items():
+        values = [metric_values(r) for r in rows]
+        stats = {m: np.array([v[m][1] for v in values]) for m in values[0]}
+        mean = {"model": model, "layer": layer, "dim": rows[0]["dim"], "seeds": len(rows)}
+        if "knn_top1" in stats:
+            mean["knn_top1"] = float(stats["knn_top1"].mean())
+        shots = [n for n in rows[0].get("low_shot", {})]
+        if shots:
+            mean["low_shot"] = {
+                n: {"top1": float(stats[f"knn_{n}shot_top1"].mean()), "std": sample_std(stats[f"knn_{n}shot_top1"])}
+                for n in shots
+            }
+        mean["linear_top1"] = float(stats["linear_top1"].mean())
+        mean["std"] = {m: sample_std(v) for m, v in stats.items()}
+        out.append(mean)
     return out
 
 

@@ -25,12 +25,15 @@ from clusterfit.artifacts.layout import (
     PRETRAIN,
     REPORT_HTML,
     REPORT_MD,
-    TRAIN,
+    SUPERVISED,
+    SWEEP_PNG,
     TRAINING_CURVES_PNG,
     cluster_folder,
+    train_folder,
 )
 from clusterfit.config import Config
 from clusterfit.data import build_source
+from clusterfit.probes import metric_values
 from clusterfit.storage import NotFound, Store
 
 EXAMPLE_CLUSTERS = 12
@@ -106,9 +109,20 @@ def curves_png(histories: dict[str, list[dict[str, Any]]]) -> bytes:
     return data
 
 
-def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
+def histories(cfg: Config, store: Store) -> dict[str, list[dict[str, Any]]]:
+    """Per-epoch metrics of every network this experiment trained, by name."""
     out = {}
-    for name, folder in (("RotNet pretrain", PRETRAIN), ("ClusterFit train", TRAIN)):
+    named = [("RotNet pretrain", PRETRAIN)]
+    for k in cfg.CLUSTERFIT.cluster_counts:
+        named.append(
+            (
+                f"ClusterFit K={k}" if cfg.CLUSTERFIT.is_sweep else "ClusterFit train",
+                train_folder(cfg.with_num_clusters(k)),
+            )
+        )
+    if "supervised" in cfg.EVALUATE.BASELINES:
+        named.append(("supervised (true labels)", SUPERVISED))
+    for name, folder in named:
         try:
             out[name] = [
                 json.loads(line) for line in store.get_bytes(f"{folder}/{METRICS_LOG}").decode().splitlines() if line
@@ -116,6 +130,71 @@ def histories(store: Store) -> dict[str, list[dict[str, Any]]]:
         except NotFound:
             continue
     return out
+
+
+def sweep_layer(metrics: dict[str, Any]) -> str:
+    """The layer the K sweep is shown on: the last one evaluated (res5avg by default)."""
+    return str(metrics["rows"][-1]["layer"])
+
+
+def sweep_rows(metrics: dict[str, Any]) -> list[tuple[str, int | None, dict[str, tuple[int | None, float]]]]:
+    """(name, K or None, metric values on sweep_layer) for start, each K, and supervised, in that order."""
+    layer = sweep_layer(metrics)
+    out: list[tuple[str, int | None, dict[str, tuple[int | None, float]]]] = []
+    for row in metrics["rows"]:
+        if row["layer"] != layer:
+            continue
+        if row["model"].startswith("clusterfit-k"):
+            out.append((network_name(row["model"]), int(row["model"].removeprefix("clusterfit-k")), metric_values(row)))
+        elif row["model"] in ("start", "supervised", "random"):
+            out.append((row["model"], None, metric_values(row)))
+    return out
+
+
+def sweep_md(metrics: dict[str, Any]) -> list[str]:
+    """The K sweep as a table: top-1 per metric on sweep_layer, with the clusters' NMI/ARI on TRAIN."""
+    rows = sweep_rows(metrics)
+    protocol = metrics.get("protocol", "quick")
+    names = list(rows[0][2])
+    agreement = {a["k"]: a["TRAIN"] for a in metrics["sweep"]}
+    head = ["", "NMI", "ARI", *(metric_name(m, rows[0][2][m][0], protocol) + " (%)" for m in names)]
+    lines = [
+        f"## K sweep ({sweep_layer(metrics)})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| --- |" + " ---: |" * (len(head) - 1),
+    ]
+    for name, k, values in rows:
+        nmi = f"{agreement[k]['nmi']:.3f}" if k in agreement else ""
+        ari = f"{agreement[k]['ari']:.3f}" if k in agreement else ""
+        lines.append("| " + " | ".join([name, nmi, ari, *(f"{values[m][1]:.2f}" for m in names)]) + " |")
+    return [*lines, ""]
+
+
+def sweep_png(metrics: dict[str, Any]) -> bytes:
+    """Top-1 against K per metric (log K), the start and the supervised network as dashed lines."""
+    plt = _pyplot()
+    rows = sweep_rows(metrics)
+    protocol = metrics.get("protocol", "quick")
+    swept = [(k, values) for _, k, values in rows if k is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, metric in enumerate(swept[0][1]):
+        color = f"C{i}"
+        label = metric_name(metric, swept[0][1][metric][0], protocol)
+        ax.plot([k for k, _ in swept], [v[metric][1] for _, v in swept], marker="o", color=color, label=label)
+        for name, k, values in rows:
+            if k is None and name in ("start", "supervised"):
+                ax.axhline(values[metric][1], color=color, linestyle="--" if name == "start" else ":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="K (clusters)",
+        ylabel="top-1 (%)",
+        title=f"K sweep, {sweep_layer(metrics)}: dashed start, dotted supervised",
+    )
+    ax.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def table_md(metrics: dict[str, Any]) -> list[str]:
@@ -165,14 +244,28 @@ def evidence(c: dict[str, Any]) -> str:
     if c["test"] == "McNemar mid-p":
         return f"McNemar mid-p {c['p_value']:.2g}: {c['b']} images only ClusterFit gets right, {c['c']} only the other"
     low, high = c["interval_95"]
-    return f"paired bootstrap p {c['p_value']:.2g}, 95% interval {low:+.2f}..{high:+.2f}"
+    p = f"< {1 / c['resamples']:.2g}" if c["p_value"] == 0 and "resamples" in c else f"{c['p_value']:.2g}"
+    return f"paired bootstrap p {p}, 95% interval {low:+.2f}..{high:+.2f}"
+
+
+def network_name(model: str) -> str:
+    """`clusterfit` -> ClusterFit, `clusterfit-k30` -> ClusterFit K=30."""
+    return "ClusterFit" if model == "clusterfit" else model.replace("clusterfit-k", "ClusterFit K=")
+
+
+def gap(c: dict[str, Any]) -> str:
+    """How much of the reference-to-supervised gap ClusterFit closed, when there is a supervised row."""
+    if c.get("gap_closed") is None:
+        return ""
+    return f"; closes {100 * c['gap_closed']:.0f}% of the gap to supervised {c['supervised']:.2f}%"
 
 
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
     protocol = metrics.get("protocol", "quick")
     return [
-        f"- {c['layer']} {metric_name(c['metric'], c.get('shots'), protocol)}: ClusterFit {c['clusterfit']:.2f}% "
-        f"vs. {c['reference']} {c['reference_value']:.2f}% ({c['delta']:+.2f} points; {evidence(c)}): "
+        f"- {c['layer']} {metric_name(c['metric'], c.get('shots'), protocol)}: "
+        f"{network_name(c.get('model', 'clusterfit'))} {c['clusterfit']:.2f}% "
+        f"vs. {c['reference']} {c['reference_value']:.2f}% ({c['delta']:+.2f} points; {evidence(c)}{gap(c)}): "
         f"**{c['verdict']}**"
         for c in metrics["comparison"]
     ]
@@ -188,7 +281,8 @@ def seed_lines(metrics: dict[str, Any]) -> list[str]:
     for s in spread:
         name = metric_name(s["metric"], s["shots"], protocol)
         lines.append(
-            f"- {s['layer']} {name}: ClusterFit {s['clusterfit_mean']:.2f} ± {s['clusterfit_std']:.2f}%, "
+            f"- {s['layer']} {name}: {network_name(s.get('model', 'clusterfit'))} "
+            f"{s['clusterfit_mean']:.2f} ± {s['clusterfit_std']:.2f}%, "
             f"difference {s['delta_mean']:+.2f} ± {s['delta_std']:.2f} points over {s['seeds']} seeds"
         )
     return [*lines, ""]
@@ -228,6 +322,8 @@ def markdown(cfg: Config, metrics: dict[str, Any], images: list[tuple[str, str]]
         *table_md(metrics),
         "",
     ]
+    if metrics.get("sweep"):
+        parts += sweep_md(metrics)
     source = f" `{metrics['cluster_labels']}`" if "cluster_labels" in metrics else ""
     for split, values in metrics["clusters"].items():
         parts.append(
@@ -263,6 +359,101 @@ def to_html(text: str, title: str) -> str:
     )
 
 
+def p_text(p: float) -> str:
+    return "< 1e-6" if p < 1e-6 else f"{p:.2g}"
+
+
+def seeds_verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per compared metric over the seeds: means ± std, each seed's difference, the combined test."""
+    protocol = summary.get("protocol", "quick")
+    lines = []
+    for c in summary["comparison"]:
+        upper = ""
+        if c.get("gap_closed") is not None:
+            upper = (
+                f"; closes {100 * c['gap_closed']:.0f}% of the gap to supervised "
+                f"{c['supervised_mean']:.2f} ± {c['supervised_std']:.2f}%"
+            )
+        per_seed = ", ".join(f"{d:+.2f}" for d in c["deltas"])
+        lines.append(
+            f"- {c['layer']} {metric_name(c['metric'], c.get('shots'), protocol)}: {network_name(c['model'])} "
+            f"{c['clusterfit_mean']:.2f} ± {c['clusterfit_std']:.2f}% vs. {c['reference']} "
+            f"{c['reference_mean']:.2f} ± {c['reference_std']:.2f}% ({c['delta_mean']:+.2f} ± {c['delta_std']:.2f} "
+            f"points; per seed {per_seed}; combined p {p_text(c['p_value'])}{upper}): **{c['verdict']}**"
+        )
+    return lines
+
+
+def seeds_summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What `clusterfit run` prints after a run over several seeds."""
+    return [verdict_summary(summary) + f" (over {len(summary['seeds'])} seeds)", *seeds_verdict_lines(summary)]
+
+
+def seeds_table_md(summary: dict[str, Any]) -> list[str]:
+    """Every row's metrics as mean ± std over the seeds."""
+    protocol = summary.get("protocol", "quick")
+    metrics = list(summary["rows"][0]["std"])
+    shots = {m: s for m, (s, _) in metric_values(summary["rows"][0]).items()}
+    head = ["model", "layer", "dim", *(metric_name(m, shots[m], protocol) + " (%)" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for row in summary["rows"]:
+        values = metric_values(row)
+        cells = [f"{values[m][1]:.2f} ± {row['std'][m]:.2f}" for m in metrics]
+        lines.append("| " + " | ".join([row["model"], row["layer"], str(row["dim"]), *cells]) + " |")
+    return lines
+
+
+def seeds_markdown(cfg: Config, summary: dict[str, Any], images: list[tuple[str, str]]) -> str:
+    seeds = ", ".join(map(str, summary["seeds"]))
+    parts = [
+        f"# ClusterFit report: {cfg.EXPERIMENT.NAME}, {len(summary['seeds'])} seeds",
+        "",
+        f"Seeds {seeds}, each a whole run (pretrain, k-means, training) under `seed-<seed>/`; K="
+        f"{', '.join(map(str, cfg.CLUSTERFIT.cluster_counts))} clusters of `{cfg.CLUSTERFIT.FEATURES.LAYER_NAME}`; "
+        f"{summary['n_train']} training and {summary['n_test']} test images. Every figure is the mean ± the "
+        "standard deviation over the seeds.",
+        "",
+        "## Did ClusterFit beat the features it started from?",
+        "",
+        verdict_summary(summary) + f" (over {len(summary['seeds'])} seeds)",
+        "",
+        *seeds_verdict_lines(summary),
+        "",
+        "Each seed's paired test on the same test images (McNemar mid-p; a paired bootstrap for low-shot kNN) gives a "
+        "p-value and a sign; Stouffer's method combines them. A difference counts (better or worse) when the "
+        f"combined p < {summary['significance']} and every seed's difference has the same sign; otherwise it is "
+        "within noise. The share of the gap closed is (ClusterFit - start) / (supervised - start) of the means.",
+        "",
+        "## Evaluation (mean ± std over seeds)",
+        "",
+        *seeds_table_md(summary),
+        "",
+    ]
+    for split, values in summary["clusters"].items():
+        parts.append(
+            f"- Training labels vs. ground truth ({split}): NMI {values['nmi']:.3f} ± {values['nmi_std']:.3f}, "
+            f"ARI {values['ari']:.3f} ± {values['ari_std']:.3f}"
+        )
+    parts.append("")
+    if summary.get("sweep"):
+        parts += sweep_md(summary)
+    for title, name in images:
+        parts += [f"## {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(parts)
+
+
+def write_seeds(cfg: Config, ledger: artifacts.Ledger, summary: dict[str, Any]) -> None:
+    """The report over EXPERIMENT.SEEDS, beside its metrics.json."""
+    images: list[tuple[str, str]] = []
+    if summary.get("sweep"):
+        ledger.put_bytes(SWEEP_PNG, sweep_png(summary))
+        images.append(("Top-1 against K (means over seeds)", SWEEP_PNG))
+    text = seeds_markdown(cfg, summary, images)
+    ledger.put_bytes(REPORT_MD, text.encode())
+    title = f"ClusterFit report: {cfg.EXPERIMENT.NAME}, {len(summary['seeds'])} seeds"
+    ledger.put_bytes(REPORT_HTML, to_html(text, title).encode())
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """The verdict in a few lines: the summary, then one line per compared metric (what `clusterfit run` prints)."""
     return [verdict_summary(metrics), *verdict_lines(metrics)]
@@ -282,7 +473,10 @@ def write(cfg: Config, store: Store, ledger: artifacts.Ledger, metrics: dict[str
         ]
         ledger.put_bytes(CLUSTER_SIZES_PNG, cluster_sizes_png(stats))
         ledger.put_bytes(CLUSTER_EXAMPLES_PNG, cluster_examples_png(cfg, labels, distances))
-    curves = histories(store)
+    if metrics.get("sweep"):
+        ledger.put_bytes(SWEEP_PNG, sweep_png(metrics))
+        images.append(("Top-1 against K", SWEEP_PNG))
+    curves = histories(cfg, store)
     if curves:
         ledger.put_bytes(TRAINING_CURVES_PNG, curves_png(curves))
         images.append(("Training curves", TRAINING_CURVES_PNG))

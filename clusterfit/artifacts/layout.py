@@ -4,7 +4,10 @@
     features/<split>/data_limit_indices.npy                           the images DATA_LIMIT kept
     clusters/<layer>-k<K>/centroids.npy labels.npy distances.npy stats.json <split>/labels.npy [pca_*.npy]
     pretrain/ train/    final.pt metrics.jsonl latest.json checkpoints/e####-s#########.pt
+    train-k<K>/         the same, per K of a sweep (CLUSTERFIT.NUM_CLUSTERS as a list)
+    supervised/         the same, trained on the true labels (EVALUATE.BASELINES has supervised)
     eval/               metrics.json report.md report.html *.png
+    seed-<seed>/ summary/   with EXPERIMENT.SEEDS: one experiment per seed, and metrics.json + report over them
     logs/<step>/<pod>.log                                                the controller's saved pod logs
 
 Each step folder is published by its `_SUCCESS.json`, written last. Pure names: no I/O here.
@@ -21,7 +24,9 @@ MANIFEST = "_SUCCESS.json"
 # Step folders.
 PRETRAIN = "pretrain"
 TRAIN = "train"
+SUPERVISED = "supervised"
 EVAL = "eval"
+SUMMARY = "summary"  # over EXPERIMENT.SEEDS, beside seed-<seed>/ (clusterfit/seeds.py)
 LOGS = "logs"
 
 # pretrain/ and train/: the published network, its per-epoch metrics, and the resumable checkpoints.
@@ -62,6 +67,7 @@ REPORT_HTML = "report.html"
 CLUSTER_SIZES_PNG = "cluster_sizes.png"
 CLUSTER_EXAMPLES_PNG = "cluster_examples.png"
 TRAINING_CURVES_PNG = "training_curves.png"
+SWEEP_PNG = "k_sweep.png"
 
 _PART = re.compile(r"^(?P<layer>[^/]+)/part-(?P<rank>\d+)-(?P<chunk>\d+)\.npy$")
 
@@ -105,6 +111,21 @@ def cluster_folder(cfg: Config) -> str:
     return f"clusters/{cluster_name(cfg)}"
 
 
+def train_folder(cfg: Config) -> str:
+    """Where the network trained on cfg's K clusters goes: train/, or train-k<K>/ in a sweep over K."""
+    return f"{TRAIN}-k{cfg.CLUSTERFIT.NUM_CLUSTERS}" if cfg.CLUSTERFIT.is_sweep else TRAIN
+
+
+def cluster_folders(cfg: Config) -> list[str]:
+    return [cluster_folder(cfg.with_num_clusters(k)) for k in cfg.CLUSTERFIT.cluster_counts]
+
+
+def train_folders(cfg: Config) -> list[str]:
+    """Every network the train step publishes: one per K, then the supervised upper bound when asked for."""
+    folders = [train_folder(cfg.with_num_clusters(k)) for k in cfg.CLUSTERFIT.cluster_counts]
+    return folders + ([SUPERVISED] if "supervised" in cfg.EVALUATE.BASELINES else [])
+
+
 def split_file(split: str, name: str, main_split: str) -> str:
     """A per-split cluster file: `labels.npy` for the clustered split, `<split>/labels.npy` for the others."""
     return name if split == main_split else f"{split.lower()}/{name}"
@@ -141,4 +162,6 @@ def step_folders(cfg: Config, step: str) -> list[str]:
     """The folders whose `_SUCCESS.json` together mean `step` finished (what the controller checks)."""
     if step == "extract":
         return [features_folder(p) for p in extract_partitions(cfg)]
-    return {"pretrain": [PRETRAIN], "cluster": [cluster_folder(cfg)], "train": [TRAIN], "evaluate": [EVAL]}[step]
+    return {"pretrain": [PRETRAIN], "cluster": cluster_folders(cfg), "train": train_folders(cfg), "evaluate": [EVAL]}[
+        step
+    ]

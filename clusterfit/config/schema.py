@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clusterfit.config.kubernetes import KubernetesConfig
 
@@ -37,6 +37,20 @@ class ExperimentConfig(Section):
         "directory.",
     )
     SEED: int = Field(0, description="Seed for sampling, initialisation and data order.")
+    SEEDS: list[int] = Field(
+        [],
+        description="Run the whole pipeline once per seed (EXPERIMENT.SEED set to each), each under "
+        "<ROOT>/seed-<seed>, then a summary over the seeds in <ROOT>/summary: mean ± std of every metric and a "
+        "verdict that combines the paired test of each seed. Empty: one run with SEED, under ROOT. `clusterfit run` "
+        "only; on Kubernetes run one release per EXPERIMENT.SEED.",
+    )
+
+    @field_validator("SEEDS")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"EXPERIMENT.SEEDS {seeds} repeats a seed")
+        return seeds
 
     @property
     def root_uri(self) -> str:
@@ -274,7 +288,17 @@ class FeaturesConfig(Section):
 
 
 class ClusterFitConfig(Section):
-    NUM_CLUSTERS: int = Field(16000, ge=2, description="K, the number of k-means clusters (the pseudo-label classes).")
+    NUM_CLUSTERS: int = Field(
+        16000,
+        ge=2,
+        description="K, the number of k-means clusters (the pseudo-label classes). A list ([10, 30, 100]) sweeps K: "
+        "pretrain and extract run once, cluster and train once per K (clusters/<layer>-k<K>, train-k<K>), and "
+        "evaluate compares every K in one report; NUM_CLUSTERS is then the first and NUM_CLUSTERS_SWEEP the list.",
+    )
+    NUM_CLUSTERS_SWEEP: list[Annotated[int, Field(ge=2)]] = Field(
+        [],
+        description="Every K of a sweep (set by writing a list to NUM_CLUSTERS); empty: NUM_CLUSTERS alone.",
+    )
     CLUSTER_BACKEND: Literal["faiss", "torch"] = Field(
         "faiss", description="k-means implementation: faiss, or a matmul-based torch one (GPU when present)."
     )
@@ -314,20 +338,48 @@ class ClusterFitConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _vissl_spellings(cls, data: Any) -> Any:
-        return take_aliases(data, ("CLUSTERFIT",))
+        data = take_aliases(data, ("CLUSTERFIT",))
+        if isinstance(data, dict) and isinstance(data.get("NUM_CLUSTERS"), list):  # a sweep over K
+            sweep = data["NUM_CLUSTERS"]
+            if not sweep:
+                raise ValueError("CLUSTERFIT.NUM_CLUSTERS is an empty list; give one K or a list of them")
+            if data.get("NUM_CLUSTERS_SWEEP") not in (None, [], sweep):
+                raise ValueError(
+                    f"CLUSTERFIT.NUM_CLUSTERS={sweep} and CLUSTERFIT.NUM_CLUSTERS_SWEEP={data['NUM_CLUSTERS_SWEEP']} "
+                    "disagree; set the list in NUM_CLUSTERS only"
+                )
+            data = {**data, "NUM_CLUSTERS": sweep[0], "NUM_CLUSTERS_SWEEP": sweep}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterFitConfig:
-        if self.DATA_LIMIT != -1 and self.DATA_LIMIT < self.NUM_CLUSTERS:
+        sweep = self.NUM_CLUSTERS_SWEEP
+        if len(set(sweep)) != len(sweep):
+            raise ValueError(f"CLUSTERFIT.NUM_CLUSTERS {sweep} repeats a K")
+        if sweep and self.NUM_CLUSTERS not in sweep:
+            raise ValueError(
+                f"CLUSTERFIT.NUM_CLUSTERS={self.NUM_CLUSTERS} is not in CLUSTERFIT.NUM_CLUSTERS_SWEEP={sweep}; set the "
+                "list in NUM_CLUSTERS only"
+            )
+        if self.DATA_LIMIT != -1 and max(self.cluster_counts) > self.DATA_LIMIT:
             raise ValueError(
                 f"CLUSTERFIT.DATA_LIMIT={self.DATA_LIMIT} samples fewer features than CLUSTERFIT.NUM_CLUSTERS="
-                f"{self.NUM_CLUSTERS}; use -1 (all) or at least K"
+                f"{max(self.cluster_counts)}; use -1 (all) or at least K"
             )
         if self.ALGORITHM == "superkmeans" and self.CLUSTER_BACKEND != "faiss":
             raise ValueError(
                 "CLUSTERFIT.ALGORITHM=superkmeans needs CLUSTERFIT.CLUSTER_BACKEND=faiss; the torch backend runs Lloyd"
             )
         return self
+
+    @property
+    def cluster_counts(self) -> list[int]:
+        """Every K the experiment covers: the sweep, or NUM_CLUSTERS alone."""
+        return list(self.NUM_CLUSTERS_SWEEP) or [self.NUM_CLUSTERS]
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.cluster_counts) > 1
 
 
 # VISSL's spellings of our keys, per section: the code of VISSL's tools reads CLUSTERFIT.NUM_ITER
@@ -527,8 +579,11 @@ class EvaluateConfig(Section):
     PIXELS_SIZE: int = Field(
         32, ge=1, description="Raw-pixel baseline: images average-pooled to at most this many pixels a side."
     )
-    BASELINES: list[Literal["random", "pixels"]] = Field(
-        ["random", "pixels"], description="Reference rows: a randomly initialised trunk, raw pixels."
+    BASELINES: list[Literal["random", "pixels", "supervised"]] = Field(
+        ["random", "pixels"],
+        description="Reference rows: a randomly initialised trunk, raw pixels, and supervised: the same network "
+        "trained from scratch on the true TRAIN labels with the same OPTIMIZER schedule (by the train step, into "
+        "supervised/), the upper bound ClusterFit's gain is measured against.",
     )
 
 
@@ -585,11 +640,28 @@ class Config(Section):
                 "PIPELINE.STEPS includes pretrain, but MODEL.WEIGHTS_INIT.PARAMS_FILE is set: "
                 "pretrain produces the starting weights; remove one of them"
             )
+        if self.DATA.TRAIN.LABEL_PATHS and self.CLUSTERFIT.is_sweep:
+            raise ValueError(
+                f"CLUSTERFIT.NUM_CLUSTERS sweeps K {self.CLUSTERFIT.cluster_counts}, but DATA.TRAIN.LABEL_PATHS gives "
+                "the labels to train on; a sweep trains on the experiment's own clusters of each K: remove one"
+            )
         if len(self.DATA.TRAIN.LABEL_PATHS) > 1:
             raise ValueError(
                 f"DATA.TRAIN.LABEL_PATHS: one label file is supported, got {len(self.DATA.TRAIN.LABEL_PATHS)}"
             )
         return self
+
+    def with_num_clusters(self, k: int) -> Config:
+        """This config for one K of CLUSTERFIT.NUM_CLUSTERS_SWEEP (the sweep kept: it names the train folder)."""
+        if k not in self.CLUSTERFIT.cluster_counts:
+            raise ValueError(f"K={k} is not one of CLUSTERFIT.NUM_CLUSTERS {self.CLUSTERFIT.cluster_counts}")
+        return self.model_copy(update={"CLUSTERFIT": self.CLUSTERFIT.model_copy(update={"NUM_CLUSTERS": k})})
+
+    def with_seed(self, seed: int) -> Config:
+        """One run of EXPERIMENT.SEEDS: SEED set, SEEDS emptied, the root under <ROOT>/seed-<seed>."""
+        root = f"{self.EXPERIMENT.root_uri}/seed-{seed}"
+        experiment = self.EXPERIMENT.model_copy(update={"SEED": seed, "SEEDS": [], "ROOT": root})
+        return self.model_copy(update={"EXPERIMENT": experiment})
 
     @property
     def global_batch_size(self) -> int:

@@ -204,7 +204,12 @@ def run_policy(cfg: Config) -> dict[str, Any]:
 
 
 def check_root(cfg: Config) -> None:
-    """Pods share nothing but object storage: the artifact root must be s3://."""
+    """Pods share nothing but object storage: the artifact root must be s3://. One seed per experiment."""
+    if cfg.EXPERIMENT.SEEDS:
+        raise ManifestError(
+            f"EXPERIMENT.SEEDS={cfg.EXPERIMENT.SEEDS} runs the pipeline once per seed in `clusterfit run`; on "
+            "Kubernetes install one experiment per seed (EXPERIMENT.SEED, its own EXPERIMENT.NAME and ROOT)"
+        )
     if not cfg.EXPERIMENT.ROOT.startswith("s3://"):
         shown = cfg.EXPERIMENT.ROOT or f"'' (which means {cfg.EXPERIMENT.root_uri})"
         raise ManifestError(

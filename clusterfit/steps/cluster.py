@@ -47,6 +47,7 @@ from clusterfit.artifacts.layout import (
 from clusterfit.artifacts.lineage import start_weights
 from clusterfit.config import Config
 from clusterfit.runtime import Ranks, ranks_from_env, wait_for_keys
+from clusterfit.steps import Results
 from clusterfit.storage import Store, array_to_bytes, open_store
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,14 @@ class ClusterResult:
     empty_clusters: int = 0
 
 
-def run(cfg: Config) -> ClusterResult:
+def run(cfg: Config) -> ClusterResult | Results:
+    """Every K the experiment covers: NUM_CLUSTERS, or each of a sweep in order (each its own folder)."""
+    results = [cluster(cfg.with_num_clusters(k)) for k in cfg.CLUSTERFIT.cluster_counts]
+    return results[0] if len(results) == 1 else Results(results)
+
+
+def cluster(cfg: Config) -> ClusterResult:
+    """k-means into cfg.CLUSTERFIT.NUM_CLUSTERS clusters, published in its cluster folder."""
     ranks = ranks_from_env()
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     folder = cluster_folder(cfg)
@@ -143,7 +151,9 @@ def check_feature_set(cfg: Config, store: Store, manifest: dict[str, Any], folde
 
 
 def fingerprint(cfg: Config, parts: dict[str, FeatureParts]) -> str:
-    keys = cfg.CLUSTERFIT.model_dump(mode="json", exclude={"RANK_WAIT_TIMEOUT_S", "ASSIGN_BATCH_SIZE"})
+    keys = cfg.CLUSTERFIT.model_dump(
+        mode="json", exclude={"RANK_WAIT_TIMEOUT_S", "ASSIGN_BATCH_SIZE", "NUM_CLUSTERS_SWEEP"}
+    )
     return artifacts.fingerprint(
         "cluster", {"CLUSTERFIT": keys, "SEED": cfg.EXPERIMENT.SEED}, {s: p.digest for s, p in parts.items()}
     )

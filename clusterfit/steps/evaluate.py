@@ -39,9 +39,11 @@ from clusterfit.artifacts.layout import (
     FINAL_CHECKPOINT,
     LABELS,
     REPORT_HTML,
-    TRAIN,
+    SUPERVISED,
     cluster_folder,
     split_file,
+    train_folder,
+    train_folders,
 )
 from clusterfit.artifacts.lineage import StartWeights, start_weights
 from clusterfit.config import Config, ConfigError
@@ -81,14 +83,13 @@ def run(cfg: Config) -> EvalResult:
         return EvalResult(EVAL, True)
     # Inputs: the starting weights, the ClusterFit network and the labels it was trained on, all published.
     start = start_weights(cfg, store)
-    train_manifest = artifacts.read_manifest(store, TRAIN)
     train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
-    trained_on, labels_uri, labels_digest = load_labels(cfg, store, len(train_set), train_set.source)
-    inputs = {
-        "start": start.digest or start.uri,
-        "train": train_manifest["_digest"],
-        "labels": labels_digest,
-    }
+    trained = {k: load_labels(cfg.with_num_clusters(k), store, len(train_set), train_set.source) for k in counts(cfg)}
+    inputs = {"start": start.digest or start.uri}
+    for folder in train_folders(cfg):  # train/ (train-k<K>/ per K of a sweep), supervised/
+        inputs[folder] = artifacts.read_manifest(store, folder)["_digest"]
+    for k, (_, _, digest) in trained.items():
+        inputs["labels" if len(trained) == 1 else f"labels-k{k}"] = digest
     fp = fingerprint(cfg, inputs)
     if artifacts.skip_if_published(store, EVAL, fp, "evaluate"):
         metrics = artifacts.load_json(store, EVAL, EVAL_METRICS, artifacts.read_manifest(store, EVAL))
@@ -113,10 +114,11 @@ def run(cfg: Config) -> EvalResult:
             log.info("evaluate %s/%s: %s", name, layer, row_summary(rows[-1]))
     # Paired verdicts, cluster agreement, the spread over other seeds; metrics.json and the report, then
     # _SUCCESS.json.
+    first, (trained_on, labels_uri, _) = next(iter(trained.items()))
     metrics = {
         "protocol": cfg.EVALUATE.PROTOCOL,
         "rows": rows,
-        "clusters": cluster_agreement(store, cfg, trained_on, y_train, y_test),
+        "clusters": cluster_agreement(store, cfg.with_num_clusters(first), trained_on, y_train, y_test),
         "cluster_labels": labels_uri,
         "comparison": compare(rows, len(y_test), cfg.EVALUATE.SIGNIFICANCE, cfg.EXPERIMENT.SEED),
         "significance": cfg.EVALUATE.SIGNIFICANCE,
@@ -124,6 +126,11 @@ def run(cfg: Config) -> EvalResult:
         "n_test": len(y_test),
         "start_weights": start.uri or "random init",
     }
+    if cfg.CLUSTERFIT.is_sweep:  # every K's labels against ground truth
+        metrics["sweep"] = [
+            {"k": k, **cluster_agreement(store, cfg.with_num_clusters(k), labels, y_train, y_test)}
+            for k, (labels, _, _) in trained.items()
+        ]
     if cfg.EVALUATE.OTHER_SEEDS:
         others = [json.loads(read_uri(uri, cfg.STORAGE)) for uri in cfg.EVALUATE.OTHER_SEEDS]
         metrics["seed_spread"] = seed_spread([metrics, *others])
@@ -181,12 +188,26 @@ def models(cfg: Config, store: Store, start: StartWeights) -> dict[str, Network 
         out["random"] = build_network(cfg.MODEL.TRUNK)
     if not start.random:
         out["start"] = starting_model(cfg, start)
-    clusterfit = build_network(cfg.MODEL.TRUNK)
-    ours = {"PARAMS_FILE": store.uri(f"{TRAIN}/{FINAL_CHECKPOINT}"), "STATE_DICT_KEY_NAME": "classy_state_dict"}
-    options = cfg.MODEL.WEIGHTS_INIT.model_copy(update={**ours, "REMOVE_PREFIX": "", "APPEND_PREFIX": ""})
-    load_weights(clusterfit, options, cfg.STORAGE)
-    out["clusterfit"] = clusterfit
+    for k in counts(cfg):
+        name = f"clusterfit-k{k}" if cfg.CLUSTERFIT.is_sweep else "clusterfit"
+        out[name] = trained_network(cfg, store, train_folder(cfg.with_num_clusters(k)))
+    if "supervised" in cfg.EVALUATE.BASELINES:
+        out["supervised"] = trained_network(cfg, store, SUPERVISED)
     return out
+
+
+def counts(cfg: Config) -> list[int]:
+    """The K whose networks are evaluated: every K of a sweep, else NUM_CLUSTERS."""
+    return cfg.CLUSTERFIT.cluster_counts
+
+
+def trained_network(cfg: Config, store: Store, folder: str) -> Network:
+    """The trunk of a network the train step published in `folder`."""
+    network = build_network(cfg.MODEL.TRUNK)
+    ours = {"PARAMS_FILE": store.uri(f"{folder}/{FINAL_CHECKPOINT}"), "STATE_DICT_KEY_NAME": "classy_state_dict"}
+    options = cfg.MODEL.WEIGHTS_INIT.model_copy(update={**ours, "REMOVE_PREFIX": "", "APPEND_PREFIX": ""})
+    load_weights(network, options, cfg.STORAGE)
+    return network
 
 
 def features(
