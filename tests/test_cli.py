@@ -51,6 +51,9 @@ def test_config_show_prints_the_resolved_config_with_the_override(tmp_path: Path
             "DISTRIBUTED.NUM_PROCS_PER_NODE",
             "did you mean DISTRIBUTED.NUM_PROC_PER_NODE?",
         ),
+        # removed with VISSL's warm-up as the only one: refused by name, not silently ignored
+        ("config.OPTIMIZER.WARMUP_SCHEDULE=zero_per_step", "OPTIMIZER.WARMUP_SCHEDULE", "unknown key"),
+        ("config.PRETRAIN.OPTIMIZER.WARMUP_MULTI_NODE_ONLY=false", "PRETRAIN.OPTIMIZER.WARMUP_MULTI_NODE_ONLY", "key"),
     ],
 )
 def test_unknown_key_names_it_and_the_closest_valid_key(override: str, culprit: str, hint: str) -> None:

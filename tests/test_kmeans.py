@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -104,9 +106,11 @@ def test_torch_backend_runs_lloyd_and_refuses_superkmeans() -> None:
         kmeans.train("torch", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="superkmeans")
 
 
-def test_faiss_training_records_its_choice() -> None:
+def test_faiss_training_records_its_choice(caplog: pytest.LogCaptureFixture) -> None:
     x = blobs(600, 8, 4, seed=7)
-    result = kmeans.train("faiss", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="auto")
+    with caplog.at_level(logging.INFO, logger="clusterfit.kmeans"):
+        result = kmeans.train("faiss", x, 4, niter=3, seed=0, max_points_per_centroid=256, algorithm="auto")
+    assert "k-means: lloyd (" in caplog.text and "CLUSTERFIT.ALGORITHM=auto" in caplog.text, caplog.text
     choice = result.extra["algorithm_choice"]
     assert choice["algorithm"] == "lloyd" and choice["faiss_version"] == kmeans.faiss_version()
     assert result.algorithm == "faiss-lloyd"

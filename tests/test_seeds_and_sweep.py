@@ -10,6 +10,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+import torch
 
 from clusterfit.artifacts.layout import step_folders
 from clusterfit.config import ConfigError, config_from_args
@@ -17,6 +18,7 @@ from clusterfit.probes import combine_seeds, compare, mean_rows
 from clusterfit.steps import cluster as cluster_step
 from tests.browser import view
 from tests.conftest import cli, error_of
+from tests.test_checkpoint import vissl_init_names, vissl_resnet_names
 from tests.test_probes import correct_vector, row
 
 
@@ -179,6 +181,10 @@ def test_fashion_mnist_with_seeds_a_k_sweep_and_the_supervised_bound(tmp_path: P
         ]
         assert [s["k"] for s in metrics["sweep"]] == [10, 20]
         assert {c["model"] for c in metrics["comparison"]} == {"clusterfit-k10", "clusterfit-k20"}
+    # What the steps wrote loads in VISSL as its own checkpoints do (the layout VISSL reads, every tensor named).
+    for folder, classes in (("pretrain", 4), ("train-k10", 10), ("train-k20", 20), ("supervised", 10)):
+        ckpt = torch.load(root / f"seed-1/{folder}/final.pt", map_location="cpu", weights_only=True)
+        assert set(vissl_init_names(ckpt)) == vissl_resnet_names("resnet18", classes), folder
     pretrain = json.loads((root / "seed-0/pretrain/_SUCCESS.json").read_text())
     assert pretrain["config"]["EXPERIMENT"]["SEED"] == 0 and not (root / "pretrain").exists()  # per seed, once
     summary = json.loads((root / "summary/metrics.json").read_text())
