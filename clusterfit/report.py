@@ -257,7 +257,16 @@ def gap(c: dict[str, Any]) -> str:
     """How much of the reference-to-supervised gap ClusterFit closed, when there is a supervised row."""
     if c.get("gap_closed") is None:
         return ""
-    return f"; closes {100 * c['gap_closed']:.0f}% of the gap to supervised {c['supervised']:.2f}%"
+    return gap_phrase(c["gap_closed"], f"{c['supervised']:.2f}%")
+
+
+def gap_phrase(closed: float, supervised: str) -> str:
+    """The share of the gap in words; past supervision (or below the start) a percentage would read as nonsense."""
+    if closed > 1:
+        return f"; above supervised {supervised}"
+    if closed < 0:
+        return f"; supervised {supervised}"
+    return f"; closes {100 * closed:.0f}% of the gap to supervised {supervised}"
 
 
 def verdict_lines(metrics: dict[str, Any]) -> list[str]:
@@ -370,10 +379,7 @@ def seeds_verdict_lines(summary: dict[str, Any]) -> list[str]:
     for c in summary["comparison"]:
         upper = ""
         if c.get("gap_closed") is not None:
-            upper = (
-                f"; closes {100 * c['gap_closed']:.0f}% of the gap to supervised "
-                f"{c['supervised_mean']:.2f} ± {c['supervised_std']:.2f}%"
-            )
+            upper = gap_phrase(c["gap_closed"], f"{c['supervised_mean']:.2f} ± {c['supervised_std']:.2f}%")
         per_seed = ", ".join(f"{d:+.2f}" for d in c["deltas"])
         lines.append(
             f"- {c['layer']} {metric_name(c['metric'], c.get('shots'), protocol)}: {network_name(c['model'])} "
