@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 
-.PHONY: quickstart test unit e2e node-prep lint bench-cpu clean
+.PHONY: quickstart fashion-mnist test unit e2e node-prep lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/clusterfit run config=quickstart
+
+# The recipe on a benchmark people know: Debian's Fashion-MNIST package (root, once), then 3 seeds.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist: $(VENV)/.installed
+	@test -e $(FASHION_MNIST) || { apt-get -q update && apt-get -q install -y --no-install-recommends dataset-fashion-mnist; }
+	$(VENV)/bin/clusterfit run config=fashion-mnist
 
 # The node's Go binaries and images build in the background from here on (prepare_node.sh), beside
 # the venv install and the fast tests; the node tests wait for them.
