@@ -30,7 +30,7 @@ from clusterfit.errors import UserError
 
 if TYPE_CHECKING:
     from clusterfit.pipeline import PipelineResult
-    from clusterfit.steps import Results
+    from clusterfit.results import Results
     from clusterfit.steps.cluster import ClusterResult
     from clusterfit.steps.evaluate import EvalResult
     from clusterfit.steps.extract import ExtractResult

@@ -8,19 +8,3 @@
 
 Steps import neither each other nor the command line; they meet only through artifacts.
 """
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
-
-
-@dataclass
-class Results:
-    """A step that ran more than once: per K of a sweep, and the supervised network."""
-
-    results: list[Any]
-
-    @property
-    def skipped(self) -> bool:
-        return all(r.skipped for r in self.results)

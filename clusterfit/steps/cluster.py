@@ -46,8 +46,8 @@ from clusterfit.artifacts.layout import (
 )
 from clusterfit.artifacts.lineage import start_weights
 from clusterfit.config import Config
+from clusterfit.results import Results
 from clusterfit.runtime import Ranks, ranks_from_env, wait_for_keys
-from clusterfit.steps import Results
 from clusterfit.storage import Store, array_to_bytes, open_store
 
 log = logging.getLogger(__name__)

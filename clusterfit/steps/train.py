@@ -26,7 +26,7 @@ from clusterfit.config import Config, ConfigError
 from clusterfit.data import ImageSource, build_dataset, dataset_identity, images_identity, train_transform
 from clusterfit.labels import load_labels
 from clusterfit.models import build_network
-from clusterfit.steps import Results
+from clusterfit.results import Results
 from clusterfit.storage import open_store, sha256_bytes
 from clusterfit.training import FitJob, FitResult, LabelledDataset, fit
 
