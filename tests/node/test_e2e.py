@@ -179,9 +179,13 @@ def test_kubectl_apply_as_the_readme_says_and_a_two_node_step_gives_the_same_fea
     )
     submit = two.clusterfit("submit")
     assert submit.returncode == 0, submit.stderr
-    worker = node.request("GET", f"/api/v1/namespaces/{ex.namespace}/pods/digits2-extract-worker-0")[1]
-    init = [s for s in worker["status"].get("initContainerStatuses") or [] if s["name"] == "init-pytorch"]
-    assert init and init[0]["state"]["terminated"]["exitCode"] == 0, worker["status"]
+    # The worker's pod may be gone already: the job succeeds with its Master, and cleanPodPolicy Running then
+    # deletes a Worker that has not exited yet. Where it is still there, its init container waited for the
+    # Master's Service and exited 0; either way the chunk ranks below show that the worker extracted.
+    code, worker = node.request("GET", f"/api/v1/namespaces/{ex.namespace}/pods/digits2-extract-worker-0")
+    if code != 404:
+        init = [s for s in worker["status"].get("initContainerStatuses") or [] if s["name"] == "init-pytorch"]
+        assert init and init[0]["state"]["terminated"]["exitCode"] == 0, worker["status"]
     one_node, two_nodes = ex.features(), two.features()
     assert sorted(one_node) == sorted(two_nodes) == list(range(256))
     ranks = {json.loads(two.object(f"features/train/_chunks/chunk-{c:06d}.json"))["rank"] for c in range(4)}
