@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -144,21 +146,43 @@ def ask_cancel(job: str) -> bool:
 
 
 def follow_pipeline(controller: Controller, kube: Kube) -> int:
+    """Run the controller in the foreground; Ctrl-C cancels the running job or detaches from it (exit 130).
+
+    Ctrl-C can land inside a library that turns the KeyboardInterrupt into an error of its own (pydantic,
+    building the kubernetes client's validators on a method's first call, raises SchemaError). So the
+    handler notes that the user interrupted, and any error after that note counts as the interrupt."""
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         controller.run()
         return 0
     except KeyboardInterrupt:
-        job = controller.current
-        if job and ask_cancel(job):
-            kube.delete_job(job)
-            print(f"clusterfit: cancelled: deleted PyTorchJob {job}", file=sys.stderr)
-        elif job:
-            print(
-                f"clusterfit: detached: PyTorchJob {job} keeps running; `clusterfit submit` with the same "
-                "config adopts it, `clusterfit status` shows it, `clusterfit cancel` stops it",
-                file=sys.stderr,
-            )
-        return 130
+        return cancel_or_detach(controller.current, kube)
+    except Exception:
+        if interrupted.is_set():
+            return cancel_or_detach(controller.current, kube)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cancel_or_detach(job: str | None, kube: Kube) -> int:
+    """After Ctrl-C: delete the running job when the user asks for it on a terminal, else leave it running."""
+    if job and ask_cancel(job):
+        kube.delete_job(job)
+        print(f"clusterfit: cancelled: deleted PyTorchJob {job}", file=sys.stderr)
+    elif job:
+        print(
+            f"clusterfit: detached: PyTorchJob {job} keeps running; `clusterfit submit` with the same "
+            "config adopts it, `clusterfit status` shows it, `clusterfit cancel` stops it",
+            file=sys.stderr,
+        )
+    return 130
 
 
 @guarded

@@ -446,6 +446,36 @@ def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[st
     assert [j["metadata"]["name"] for j in ex.jobs()] == ["fit-extract"]
 
 
+class InterruptedInsideALibrary:
+    """A controller whose Ctrl-C lands in library code that turns the KeyboardInterrupt into an error of its own, as
+    pydantic does while it builds the kubernetes client's validators (CI saw a SchemaError there)."""
+
+    current = "fit-extract"
+
+    def run(self) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal handler runs here
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("SchemaError: Error building 'call' validator: KeyboardInterrupt") from exc
+
+
+class FailingController:
+    current = "fit-extract"
+
+    def run(self) -> None:
+        raise RuntimeError("a real error")
+
+
+def test_ctrl_c_inside_a_library_is_still_ctrl_c_and_other_errors_are_not(capsys: pytest.CaptureFixture[str]) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    assert commands.follow_pipeline(InterruptedInsideALibrary(), None) == 130  # type: ignore[arg-type]
+    assert "detached: PyTorchJob fit-extract keeps running" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="a real error"):  # without Ctrl-C an error stays an error
+        commands.follow_pipeline(FailingController(), None)  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_ctrl_c_detaches_without_a_terminal_and_asks_on_one(ex: Experiment) -> None:
     config, cfg = ex.config(steps=["extract"])
     command = ex.submit_command(config)
