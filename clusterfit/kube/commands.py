@@ -157,7 +157,8 @@ def follow_pipeline(controller: Controller, kube: Kube) -> int:
         interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         controller.run()
         return 0
@@ -168,7 +169,8 @@ def follow_pipeline(controller: Controller, kube: Kube) -> int:
             return cancel_or_detach(controller.current, kube)
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def cancel_or_detach(job: str | None, kube: Kube) -> int:
