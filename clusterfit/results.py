@@ -19,3 +19,8 @@ class Results:
     @property
     def skipped(self) -> bool:
         return all(r.skipped for r in self.results)
+
+
+def one_or_all(results: list[Any]) -> Any:
+    """A step's return value: its one result as it is, several as `Results`."""
+    return results[0] if len(results) == 1 else Results(results)

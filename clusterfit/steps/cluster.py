@@ -46,7 +46,7 @@ from clusterfit.artifacts.layout import (
 )
 from clusterfit.artifacts.lineage import start_weights
 from clusterfit.config import Config
-from clusterfit.results import Results
+from clusterfit.results import Results, one_or_all
 from clusterfit.runtime import Ranks, ranks_from_env, wait_for_keys
 from clusterfit.storage import Store, array_to_bytes, open_store
 
@@ -65,7 +65,7 @@ class ClusterResult:
 def run(cfg: Config) -> ClusterResult | Results:
     """Every K the experiment covers: NUM_CLUSTERS, or each of a sweep in order (each its own folder)."""
     results = [cluster(cfg.with_num_clusters(k)) for k in cfg.CLUSTERFIT.cluster_counts]
-    return results[0] if len(results) == 1 else Results(results)
+    return one_or_all(results)
 
 
 def cluster(cfg: Config) -> ClusterResult:

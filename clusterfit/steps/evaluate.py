@@ -84,7 +84,10 @@ def run(cfg: Config) -> EvalResult:
     # Inputs: the starting weights, the ClusterFit network and the labels it was trained on, all published.
     start = start_weights(cfg, store)
     train_set = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
-    trained = {k: load_labels(cfg.with_num_clusters(k), store, len(train_set), train_set.source) for k in counts(cfg)}
+    trained = {
+        k: load_labels(cfg.with_num_clusters(k), store, len(train_set), train_set.source)
+        for k in cfg.CLUSTERFIT.cluster_counts
+    }
     inputs = {"start": start.digest or start.uri}
     for folder in train_folders(cfg):  # train/ (train-k<K>/ per K of a sweep), supervised/
         inputs[folder] = artifacts.read_manifest(store, folder)["_digest"]
@@ -188,17 +191,12 @@ def models(cfg: Config, store: Store, start: StartWeights) -> dict[str, Network 
         out["random"] = build_network(cfg.MODEL.TRUNK)
     if not start.random:
         out["start"] = starting_model(cfg, start)
-    for k in counts(cfg):
+    for k in cfg.CLUSTERFIT.cluster_counts:
         name = f"clusterfit-k{k}" if cfg.CLUSTERFIT.is_sweep else "clusterfit"
         out[name] = trained_network(cfg, store, train_folder(cfg.with_num_clusters(k)))
     if "supervised" in cfg.EVALUATE.BASELINES:
         out["supervised"] = trained_network(cfg, store, SUPERVISED)
     return out
-
-
-def counts(cfg: Config) -> list[int]:
-    """The K whose networks are evaluated: every K of a sweep, else NUM_CLUSTERS."""
-    return cfg.CLUSTERFIT.cluster_counts
 
 
 def trained_network(cfg: Config, store: Store, folder: str) -> Network:

@@ -26,7 +26,7 @@ from clusterfit.config import Config, ConfigError
 from clusterfit.data import ImageSource, build_dataset, dataset_identity, images_identity, train_transform
 from clusterfit.labels import load_labels
 from clusterfit.models import build_network
-from clusterfit.results import Results
+from clusterfit.results import Results, one_or_all
 from clusterfit.storage import open_store, sha256_bytes
 from clusterfit.training import FitJob, FitResult, LabelledDataset, fit
 
@@ -55,7 +55,7 @@ def run(cfg: Config) -> FitResult | Results:
     results = [train(cfg.with_num_clusters(k)) for k in cfg.CLUSTERFIT.cluster_counts]
     if "supervised" in cfg.EVALUATE.BASELINES:
         results.append(train(cfg, supervised=True))
-    return results[0] if len(results) == 1 else Results(results)
+    return one_or_all(results)
 
 
 def train(cfg: Config, supervised: bool = False) -> FitResult:
