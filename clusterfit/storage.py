@@ -48,11 +48,35 @@ def array_to_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def array_from_bytes(data: bytes, uri: str = "<bytes>") -> np.ndarray:
+def array_from_bytes(data: bytes, uri: str = "<bytes>", copy: bool = True) -> np.ndarray:
+    """The .npy array in data; `copy=False` gives a read-only view of data instead of a second copy
+    (what the cluster step's feature reads use: a part is read once, then normalised into a new array)."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        if copy:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        return npy_view(data)
     except (ValueError, OSError, EOFError) as exc:
         raise StorageError(f"{uri}: not a readable .npy array: {exc}") from exc
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """A read-only array over the payload of .npy bytes (format 1.0 or 2.0, no object arrays)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    payload = len(data) - stream.tell()
+    if payload != count * dtype.itemsize:
+        raise ValueError(f"{payload} bytes of data for shape {shape} of {dtype} ({count * dtype.itemsize} expected)")
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 class Backend(Protocol):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from clusterfit.config import StorageConfig, config_from_args
-from clusterfit.storage import NotFound, StorageError, Store, open_store
+from clusterfit.storage import NotFound, StorageError, Store, array_from_bytes, array_to_bytes, open_store
 from tests.s3server import S3Server, free_port
 
 MB = 1024 * 1024
@@ -410,3 +410,32 @@ def test_disk_folder_from_an_s3_prefix(s3_env: S3Server, s3_bucket: str, tmp_pat
     for i, (key, _) in enumerate(expected):
         assert source.load(i).getpixel((2, 3)) == tree[key]
     print(json.dumps([source.name(i) for i in range(5)]))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.float32).reshape(4, 6),
+        np.asfortranarray(np.arange(24, dtype=np.float16).reshape(4, 6)),
+        np.zeros((0, 8), np.uint16),
+        np.array([(1, 2, 0.5)], dtype=[("index", "<i8"), ("label", "<i8"), ("sqdist", "<f4")]),
+    ],
+)
+def test_a_view_read_equals_a_copy_read_and_cannot_be_written(array: np.ndarray) -> None:
+    data = array_to_bytes(array)
+    view = array_from_bytes(data, copy=False)
+    np.testing.assert_array_equal(view, array_from_bytes(data))
+    assert view.dtype == array.dtype and view.shape == array.shape
+    assert not view.flags.writeable  # a view of the bytes read, not a second copy
+
+
+def test_a_truncated_or_object_npy_is_refused_by_the_view_read() -> None:
+    data = array_to_bytes(np.ones((100, 4), np.float32))
+    with pytest.raises(
+        StorageError, match=r"s3://b/part\.npy: not a readable \.npy array: 1596 bytes .*\(1600 expected\)"
+    ):
+        array_from_bytes(data[:-4], "s3://b/part.npy", copy=False)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(StorageError, match="object arrays"):
+        array_from_bytes(buffer.getvalue(), copy=False)

@@ -21,6 +21,34 @@ class InputError(UserError, ValueError):
     """Input data that a step cannot use (NaN features, K larger than the data, mismatched files)."""
 
 
+STORAGE_DTYPE_KEY = "storage_dtype"  # the feature manifest's key: how the parts store features
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def encode_features(feats: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float32 (n, D) features -> the array a part file stores: float32, float16, or bfloat16 as the
+    upper 16 bits of each float32 (uint16 (n, D), rounded to nearest even). Finite input only."""
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if storage_dtype == "float32":
+        return feats
+    if storage_dtype == "float16":
+        return feats.astype(np.float16)
+    if storage_dtype == "bfloat16":
+        bits = feats.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    raise ValueError(f"EXTRACT.STORAGE_DTYPE={storage_dtype!r}: expected float32, float16 or bfloat16")
+
+
+def decode_features(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """A part file's array -> float32 (n, D): the inverse of encode_features (exact for the stored values)."""
+    if storage_dtype == "bfloat16":
+        if stored.dtype != np.uint16:
+            raise InputError(f"bfloat16 features are stored as uint16, got {stored.dtype}")
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
 @dataclass
 class FeatureParts:
     store: Store
@@ -57,8 +85,9 @@ class FeatureParts:
         return str(self.manifest["_digest"])
 
     @property
-    def nbytes(self) -> int:
-        return sum(int(self.manifest["files"][n]["size"]) for n in self.names)
+    def storage_dtype(self) -> str:
+        """float32, float16 or bfloat16 (features published before the key existed are float32)."""
+        return str(self.manifest.get(STORAGE_DTYPE_KEY, "float32"))
 
     @property
     def dim(self) -> int:
@@ -71,21 +100,25 @@ class FeatureParts:
         return artifacts.load_array(self.store, self.folder, index_name(name), self.manifest)
 
     def load(self, name: str, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest.
+        """(indices int64 (n,), features float32 (n, D)) of one part, checked against the manifest and
+        decoded from its storage dtype; not to be written to (float32 parts are read-only views of the bytes read).
 
         Kept in memory for the next call when `cache` and all the parts fit in the cache limit."""
         if name in self._cache:
             return self._cache[name]
-        feats = artifacts.load_array(self.store, self.folder, name, self.manifest)
+        stored = artifacts.load_array(self.store, self.folder, name, self.manifest, copy=False)  # read-only
         index = self.load_index(name)
         uri = self.store.uri(f"{self.folder}/{name}")
-        if feats.ndim != 2 or len(index) != len(feats):
-            raise InputError(f"{uri}: expected an (n, D) array with n indices, got {feats.shape} and {index.shape}")
+        if stored.ndim != 2 or len(index) != len(stored):
+            raise InputError(f"{uri}: expected an (n, D) array with n indices, got {stored.shape} and {index.shape}")
+        try:
+            feats = decode_features(stored, self.storage_dtype)
+        except InputError as exc:
+            raise InputError(f"{uri}: {exc}") from None
         if not np.isfinite(feats).all():
             bad = int((~np.isfinite(feats)).any(axis=1).sum())
             raise InputError(f"{uri}: {bad} feature rows contain NaN or inf")
-        feats = feats.astype(np.float32, copy=False)
-        if cache and self.nbytes <= self.cache_limit_bytes:
+        if cache and self.num_rows * self.dim * 4 <= self.cache_limit_bytes:  # cached as float32
             self._cache[name] = (index, feats)
         return index, feats
 

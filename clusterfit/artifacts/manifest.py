@@ -164,8 +164,9 @@ def load_bytes(store: Store, folder: str, name: str, manifest: dict[str, Any]) -
     return data
 
 
-def load_array(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> np.ndarray:
-    return array_from_bytes(load_bytes(store, folder, name, manifest), store.uri(f"{folder}/{name}"))
+def load_array(store: Store, folder: str, name: str, manifest: dict[str, Any], copy: bool = True) -> np.ndarray:
+    """The verified array; `copy=False`: a read-only view of the bytes read (storage.array_from_bytes)."""
+    return array_from_bytes(load_bytes(store, folder, name, manifest), store.uri(f"{folder}/{name}"), copy)
 
 
 def load_json(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> Any:

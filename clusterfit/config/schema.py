@@ -438,6 +438,12 @@ class ExtractConfig(Section):
         ["TRAIN", "TEST"],
         description="Splits to extract (those configured in DATA); other splits are assigned to the same centroids.",
     )
+    STORAGE_DTYPE: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="How part files store features: float16 or bfloat16 halve the bytes (2048-d: 4 KiB per image "
+        "in float32); the cluster step reads any of them as float32. bfloat16 keeps float32's range and is stored "
+        "as its upper 16 bits (uint16 .npy); float16 refuses features beyond its range (65504).",
+    )
 
 
 class OptimizerConfig(Section):

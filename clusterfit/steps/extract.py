@@ -5,12 +5,13 @@ r"""Step 1a: features of every image, chunk by chunk, from the starting model.
     torchrun --nproc-per-node 8 -m clusterfit extract \
         config=pretrain/clusterfit/cluster_features_resnet_8gpu_rotation_in1k
 
-Writes `features/<split>/<layer>/part-<rank>-<chunk>.npy` (float32, n x D) with `...-index.npy`
-(int64 dataset indices). The dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive
-indices; chunk c belongs to rank c % world_size, so every index is extracted exactly once, with
-no padding. Memory holds one chunk. A chunk is done when its marker `_chunks/chunk-<c>.json`
-exists and carries this config's fingerprint: a restarted extraction skips those, and one with
-other weights, transforms or data redoes them. Rank 0 publishes `_SUCCESS.json` after all chunks.
+Writes `features/<split>/<layer>/part-<rank>-<chunk>.npy` (n x D; float32, or float16/bfloat16 with
+EXTRACT.STORAGE_DTYPE, named in the manifest) with `...-index.npy` (int64 dataset indices). The
+dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive indices; chunk c belongs to rank
+c % world_size, so every index is extracted exactly once, with no padding. Memory holds one chunk.
+A chunk is done when its marker `_chunks/chunk-<c>.json` exists and carries this config's
+fingerprint: a restarted extraction skips those, and one with other weights, transforms or data
+redoes them. Rank 0 publishes `_SUCCESS.json` after all chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ import numpy as np
 import torch
 
 from clusterfit import artifacts, distributed
+from clusterfit.artifacts.features import (
+    FLOAT16_MAX,
+    STORAGE_DTYPE_KEY,
+    InputError,
+    encode_features,
+)
 from clusterfit.artifacts.layout import (
     DATA_LIMIT_INDICES,
     DATA_LIMIT_INDICES_KEY,
@@ -118,12 +125,14 @@ def model_identity(cfg: Config, start: StartWeights, layers: list[str]) -> dict[
 
 def fingerprint(cfg: Config, partition: str, start: StartWeights, layers: list[str], amp: bool) -> str:
     """The chunks' identity; the precision is in it, so a resumed step never mixes bf16 and fp32 parts."""
-    tree = {
+    tree: dict[str, Any] = {
         "model": model_identity(cfg, start, layers),
         "precision": "bf16" if amp else "fp32",
         "data": dataset_identity(cfg, partition),
         "chunk": cfg.EXTRACT.CHUNK_SIZE,
     }
+    if cfg.EXTRACT.STORAGE_DTYPE != "float32":  # float32 folders keep the fingerprint they had before the key
+        tree["storage"] = cfg.EXTRACT.STORAGE_DTYPE
     return artifacts.fingerprint("extract", tree, {"weights": start.digest or start.uri})
 
 
@@ -178,7 +187,8 @@ def extract_chunks(
         pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
         expected = min((chunk + 1) * size, total) - chunk * size
         if sum(len(b[0]) for b in pending[chunk]) == expected:
-            write_chunk(store, folder, fp, chunk, dist.rank, layers, pending.pop(chunk))
+            done = pending.pop(chunk)
+            write_chunk(store, folder, fp, chunk, dist.rank, layers, done, cfg.EXTRACT.STORAGE_DTYPE)
     return len(todo)
 
 
@@ -192,7 +202,14 @@ def chunk_done(store: Store, folder: str, chunk: int, fp: str) -> bool:
 
 
 def write_chunk(
-    store: Store, folder: str, fp: str, chunk: int, rank: int, layers: list[str], batches: list[Any]
+    store: Store,
+    folder: str,
+    fp: str,
+    chunk: int,
+    rank: int,
+    layers: list[str],
+    batches: list[Any],
+    storage_dtype: str = "float32",
 ) -> None:
     """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done)."""
     index = np.concatenate([b[0] for b in batches]).astype(np.int64)
@@ -201,9 +218,17 @@ def write_chunk(
     for layer in layers:
         part = part_name(layer, rank, chunk)
         feats = np.concatenate([b[2][layer] for b in batches])[ok].astype(np.float32, copy=False)
+        where = store.uri(f"{folder}/{part}")
         if not np.isfinite(feats).all():
-            raise FloatingPointError(f"{store.uri(f'{folder}/{part}')}: the model produced NaN/inf features")
-        for name, array in ((part, feats), (index_name(part), index[ok])):
+            raise FloatingPointError(f"{where}: the model produced NaN/inf features")
+        largest = float(np.abs(feats).max()) if feats.size else 0.0
+        if storage_dtype == "float16" and largest > FLOAT16_MAX:
+            raise InputError(
+                f"{where}: a feature of magnitude {largest:.4g} does not fit float16 (max {FLOAT16_MAX:.0f}); "
+                "set EXTRACT.STORAGE_DTYPE=bfloat16 (float32's range) or float32"
+            )
+        stored = encode_features(feats, storage_dtype)
+        for name, array in ((part, stored), (index_name(part), index[ok])):
             data = array_to_bytes(array)
             store.put_bytes(f"{folder}/{name}", data)
             sha256 = artifacts.sha256_bytes(data)
@@ -273,6 +298,7 @@ def publish(
             "num_chunks": num_chunks,
             "skipped_indices": skipped,
             "dims": dims,
+            STORAGE_DTYPE_KEY: cfg.EXTRACT.STORAGE_DTYPE,
             "model": model_identity(cfg, start, layers),
             **data_extra,
         },
