@@ -108,9 +108,11 @@ def step_config(root: Path, shape: Shape) -> Any:
     )
 
 
-def publish_features(root: Path, shape: Shape, x: np.ndarray) -> None:
-    """x as extract would have published it: parts of PART_ROWS rows with their indices, a manifest."""
+def publish_features(root: Path, shape: Shape, x: np.ndarray, storage_dtype: str = "float32") -> None:
+    """x as extract would have published it: parts of PART_ROWS rows (stored as EXTRACT.STORAGE_DTYPE
+    stores them) with their indices, a manifest."""
     from clusterfit import artifacts
+    from clusterfit.artifacts.features import STORAGE_DTYPE_KEY, encode_features
     from clusterfit.artifacts.layout import features_folder, index_name, part_name
     from clusterfit.artifacts.lineage import start_weights
     from clusterfit.steps import extract
@@ -122,7 +124,7 @@ def publish_features(root: Path, shape: Shape, x: np.ndarray) -> None:
     chunks = range(0, len(x), PART_ROWS)
     for chunk, start in enumerate(chunks):
         part = part_name(LAYER, 0, chunk)
-        ledger.put_array(part, x[start : start + PART_ROWS])
+        ledger.put_array(part, encode_features(x[start : start + PART_ROWS], storage_dtype))
         ledger.put_array(index_name(part), np.arange(start, min(start + PART_ROWS, len(x)), dtype=np.int64))
     model = extract.model_identity(cfg, start_weights(cfg, store), [LAYER])
     artifacts.publish(
@@ -137,6 +139,7 @@ def publish_features(root: Path, shape: Shape, x: np.ndarray) -> None:
             "num_images": len(x),
             "num_chunks": len(chunks),
             "dims": {LAYER: x.shape[1]},
+            STORAGE_DTYPE_KEY: storage_dtype,
             "model": model,
         },
     )
