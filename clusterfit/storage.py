@@ -92,6 +92,19 @@ class Backend(Protocol):
     def uri(self, key: str) -> str: ...
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -110,6 +123,7 @@ class LocalBackend:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
+                os.fchmod(handle.fileno(), new_file_mode())  # mkstemp's 0600 would hide it from the team
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:

@@ -111,6 +111,19 @@ def test_local_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     assert entries(tmp_path / "root") == ["a/x.bin", "a/y.npy", "b/z.bin"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_local_published_files_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path, umask: int, mode: int) -> None:
+    store = open_store(tmp_path.as_uri())
+    previous = os.umask(umask)
+    try:
+        store.put_bytes("report/index.html", b"<html></html>")
+        store.put_file("train/final.pt", Path(__file__))
+    finally:
+        os.umask(previous)
+    for key in ("report/index.html", "train/final.pt"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == mode, key  # a colleague on the PVC can read it
+
+
 def test_local_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(str(tmp_path / "root"))
     store.put_bytes("labels.npy", b"old")
