@@ -322,49 +322,76 @@ def _translate(exc: BaseException, uri: str) -> StorageError | None:
     return None
 
 
+MAX_KEY_BYTES = 1024  # S3's limit on a key; a file system's on one name is 255
+
+
+def inside_root(key: str, root: str = "") -> str:
+    """key, when it names something below the root on every backend; else a StorageError naming it.
+
+    Refused: absolute keys, '.' and '..' segments (also percent-encoded, as a URI would decode them),
+    backslashes (a separator on some file systems and gateways), control characters, empty segments,
+    and names longer than the backends allow."""
+    where = f"{root.rstrip('/')}/{key}" if root else key
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise StorageError(f"{where[:200]}...: key of {len(key.encode())} bytes (at most {MAX_KEY_BYTES})")
+    if key.startswith("/") or "\\" in key or any(ord(c) < 32 or c == "\x7f" for c in key):
+        raise StorageError(f"{where!r}: not a key below the experiment root (absolute, backslash or control character)")
+    segments = key.split("/")
+    for number, segment in enumerate(segments):
+        if unquote(segment) in (".", "..") or (not segment and number < len(segments) - 1):
+            raise StorageError(f"{where!r}: the segment {segment!r} would leave or blur the experiment root")
+        if len(segment.encode()) > 255:
+            raise StorageError(f"{where[:200]}...: a name of {len(segment.encode())} bytes (at most 255)")
+    return key
+
+
 @dataclass
 class Store:
-    """An artifact root: a backend plus array and JSON helpers. Keys are relative to the root."""
+    """An artifact root: a backend plus array and JSON helpers. Keys are relative to the root, and
+    every key is checked to stay below it (`inside_root`), whatever user input built it."""
 
     backend: Backend
     root: str
     settings: StorageConfig
 
+    def _checked(self, key: str) -> str:
+        return inside_root(key, self.root)
+
     def uri(self, key: str = "") -> str:
-        return self.backend.uri(key)
+        return self.backend.uri(self._checked(key) if key else key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.backend.put_bytes(key, data)
+        self.backend.put_bytes(self._checked(key), data)
 
     def get_bytes(self, key: str) -> bytes:
-        return self.backend.get_bytes(key)
+        return self.backend.get_bytes(self._checked(key))
 
     def put_file(self, key: str, path: Path) -> None:
-        self.backend.put_file(key, path)
+        self.backend.put_file(self._checked(key), path)
 
     def get_file(self, key: str, path: Path) -> None:
-        self.backend.get_file(key, path)
+        self.backend.get_file(self._checked(key), path)
 
     def exists(self, key: str) -> bool:
-        return self.backend.exists(key)
+        return self.backend.exists(self._checked(key))
 
     def list(self, prefix: str = "") -> list[str]:
-        return self.backend.list(prefix)
+        return self.backend.list(self._checked(prefix) if prefix else prefix)
 
     def delete(self, key: str) -> None:
-        self.backend.delete(key)
+        self.backend.delete(self._checked(key))
 
     def put_array(self, key: str, array: np.ndarray) -> bytes:
         data = array_to_bytes(array)
-        self.backend.put_bytes(key, data)
+        self.put_bytes(key, data)
         return data
 
     def get_array(self, key: str) -> np.ndarray:
-        return array_from_bytes(self.backend.get_bytes(key), self.uri(key))
+        return array_from_bytes(self.get_bytes(key), self.uri(key))
 
     def sub(self, prefix: str) -> Store:
         """A store rooted at `prefix` below this one."""
-        return open_store(join_uri(self.root, prefix), self.settings)
+        return open_store(join_uri(self.root, self._checked(prefix)), self.settings)
 
 
 def join_uri(base: str, key: str) -> str:

@@ -452,3 +452,44 @@ def test_a_truncated_or_object_npy_is_refused_by_the_view_read() -> None:
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(StorageError, match="object arrays"):
         array_from_bytes(buffer.getvalue(), copy=False)
+
+
+HOSTILE_KEYS = [
+    "../outside.json",
+    "clusters/../../outside.json",
+    "/etc/passwd",
+    "clusters/%2e%2e/%2E%2E/outside.json",
+    "clusters\\..\\outside.json",
+    "clusters/./labels.npy",
+    "clusters//labels.npy",
+    "clusters/\x00labels.npy",
+    "clusters/" + "x" * 256,
+    "a/" * 600,
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_no_key_leaves_the_experiment_root(store: Store, tmp_path: Path, key: str) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    for call in (
+        lambda: store.put_bytes(key, b"x"),
+        lambda: store.put_array(key, np.ones(2)),
+        lambda: store.get_bytes(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+        lambda: store.list(key),
+        lambda: store.sub(key),
+    ):
+        with pytest.raises(StorageError, match="root|bytes"):
+            call()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, here or beside the root
+    assert store.list() == []
+
+
+def test_keys_that_stay_inside_are_kept_as_they_are(tmp_path: Path) -> None:
+    store = open_store(tmp_path.as_uri())
+    for key in ("clusters/res5-k100/labels.npy", "clusters/x", "a..b/c.json", "%41/x.json"):
+        store.put_bytes(key, b"1")
+        assert store.get_bytes(key) == b"1"
+    assert store.list("clusters/") == ["clusters/res5-k100/labels.npy", "clusters/x"]
+    assert (tmp_path / "%41/x.json").is_file()  # a file name, not decoded
