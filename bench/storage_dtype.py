@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import common
+import numpy as np
 
 DTYPES = ["float32", "float16", "bfloat16"]
 OTHER_SEED = 1
