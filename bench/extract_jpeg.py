@@ -365,6 +365,8 @@ def main(argv: list[str]) -> int:
         "table": text,
     }
     name = "extract_jpeg-quick" if args.quick else "extract_jpeg"
+    if args.model != "resnet18":  # the cost model's run: bench/measured/extract_jpeg-resnet50.json
+        name += f"-{args.model}"
     print(f"\nwrote {common.write_json(name, payload)}", file=sys.stderr)
     return 0
 
