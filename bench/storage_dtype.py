@@ -121,8 +121,8 @@ def quickstart(tmp: Path, pretrain_epochs: int | None) -> dict[str, Any]:
     weights = f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={(base / 'pretrain/final.pt').as_uri()}"
     runs: dict[str, dict[str, Any]] = {}
     for name, steps, extra in [
-        *[(dtype, "[extract,cluster]", [f"config.EXTRACT.STORAGE_DTYPE={dtype}"]) for dtype in DTYPES[1:]],
-        # The copied features name base's network; the cluster step alone starts from no network unless told.
+        # Without pretrain in the steps, extract starts from the network it is given: base's.
+        *[(dtype, "[extract,cluster]", [f"config.EXTRACT.STORAGE_DTYPE={dtype}", weights]) for dtype in DTYPES[1:]],
         (f"float32, seed {OTHER_SEED}", "[cluster]", [f"config.EXPERIMENT.SEED={OTHER_SEED}", weights]),
     ]:
         root = tmp / f"quickstart-{len(runs)}"
