@@ -240,7 +240,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 def table(columns: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table (pastes into the README as it is)."""
     cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(columns), "| " + " | ".join("-" * w for w in widths) + " |", *(line(r) for r in cells)])
 

@@ -234,7 +234,8 @@ def main(argv: list[str]) -> int:
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         summary = summarise(bench(args, Path(tmp)))
-    common.publish("train", args, info, summary, report(summary, args, info), targets(summary))
+    name = "train" if args.model == "resnet18" else f"train-{args.model}"  # the cost model's: train-resnet50
+    common.publish(name, args, info, summary, report(summary, args, info), targets(summary))
     return 0
 
 
