@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import re
 from collections.abc import Mapping
@@ -27,11 +28,13 @@ from torch import nn
 
 from clusterfit.artifacts.layout import CHECKPOINTS, LATEST_POINTER, checkpoint_name
 from clusterfit.config import Config
-from clusterfit.storage import NotFound, Store
+from clusterfit.storage import NotFound, Store, sha256_bytes
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: the flat state dict under classy_state_dict
 KEEP_CHECKPOINTS = 2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,8 +87,9 @@ def save_checkpoint(store: Store, folder: str, ckpt: dict[str, Any]) -> str:
     name = checkpoint_name(ckpt["epoch"], ckpt["step"])
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    store.put_bytes(f"{folder}/{name}", buffer.getvalue())
-    pointer = {"checkpoint": name, "epoch": ckpt["epoch"], "step": ckpt["step"]}
+    data = buffer.getvalue()
+    store.put_bytes(f"{folder}/{name}", data)
+    pointer = {"checkpoint": name, "epoch": ckpt["epoch"], "step": ckpt["step"], "sha256": sha256_bytes(data)}
     store.put_bytes(f"{folder}/{LATEST_POINTER}", json.dumps(pointer).encode())
     for old in sorted(store.list(f"{folder}/{CHECKPOINTS}/"))[:-KEEP_CHECKPOINTS]:
         store.delete(old)
@@ -93,16 +97,63 @@ def save_checkpoint(store: Store, folder: str, ckpt: dict[str, Any]) -> str:
 
 
 def load_latest(store: Store, folder: str) -> dict[str, Any] | None:
-    """The checkpoint `latest.json` points at, or None when there is none yet."""
+    """The newest readable checkpoint: the one `latest.json` points at, else (a checkpoint cut short
+    or corrupted, as preemption can leave on a store without atomic writes) the newest older one
+    that reads, with a warning naming what was skipped; None when there is none (start over)."""
     try:
-        pointer = json.loads(store.get_bytes(f"{folder}/{LATEST_POINTER}"))
+        pointer: dict[str, Any] = json.loads(store.get_bytes(f"{folder}/{LATEST_POINTER}"))
     except NotFound:
         return None
-    data = store.get_bytes(f"{folder}/{pointer['checkpoint']}")
-    ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except ValueError as exc:
+        log.warning(
+            "%s: unreadable (%s); looking for the newest checkpoint that reads",
+            store.uri(f"{folder}/{LATEST_POINTER}"),
+            exc,
+        )
+        pointer = {}
+    listed = sorted(store.list(f"{folder}/{CHECKPOINTS}/"), reverse=True)
+    newest = f"{folder}/{pointer['checkpoint']}" if "checkpoint" in pointer else None
+    candidates = [newest] if newest else []
+    candidates += [key for key in listed if key != newest and (newest is None or key < newest)]
+    skipped: list[str] = []
+    for key in candidates:
+        try:
+            ckpt = read_checkpoint(store, key, pointer.get("sha256") if key == newest else None)
+        except CorruptCheckpoint as exc:
+            log.warning("%s", exc)
+            skipped.append(store.uri(key))
+            continue
+        if skipped:
+            log.warning(
+                "resuming from the previous good checkpoint %s (skipped %s)", store.uri(key), ", ".join(skipped)
+            )
+        return ckpt
+    if skipped:
+        log.warning(
+            "%s: no readable checkpoint (skipped %s); training starts over", store.uri(folder), ", ".join(skipped)
+        )
+    return None
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint object that is missing, cut short or does not match its recorded checksum."""
+
+
+def read_checkpoint(store: Store, key: str, sha256: str | None) -> dict[str, Any]:
+    uri = store.uri(key)
+    try:
+        data = store.get_bytes(key)
+    except NotFound:
+        raise CorruptCheckpoint(f"{uri}: missing") from None
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise CorruptCheckpoint(f"{uri}: {len(data)} bytes that do not match the sha256 latest.json recorded")
+    try:
+        ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load of a cut file raises many kinds (zip, pickle, EOF)
+        raise CorruptCheckpoint(f"{uri}: unreadable ({type(exc).__name__}: {exc})") from None
     if ckpt.get("format_version") not in READABLE_FORMATS:
         found = ckpt.get("format_version")
-        raise RuntimeError(f"{store.uri(folder)}: checkpoint format {found} is not one of {READABLE_FORMATS}")
+        raise RuntimeError(f"{uri}: checkpoint format {found} is not one of {READABLE_FORMATS}")
     return ckpt
 
 

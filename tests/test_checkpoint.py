@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ import torchvision
 from clusterfit.checkpoint import TrainState, final_checkpoint, load_latest, make_checkpoint, restore, save_checkpoint
 from clusterfit.config import Config
 from clusterfit.models import Network
-from clusterfit.storage import open_store
+from clusterfit.storage import Store, open_store
 
 
 def vissl_init_names(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -85,3 +87,50 @@ def test_a_checkpoint_in_the_old_flat_layout_still_resumes(tmp_path, trained: Ne
     fresh = Network("resnet18", [7])
     restore(ckpt, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
     assert torch.equal(fresh.heads[0].weight, trained.heads[0].weight)
+
+
+def two_checkpoints(tmp_path: Path, trained: Network) -> tuple[Store, list[Path]]:
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    store = open_store(tmp_path.as_uri())
+    for epoch in (1, 2):
+        save_checkpoint(
+            store, "train", make_checkpoint(trained, optimizer, TrainState(epoch, 10 * epoch, 0), Config(), "fp")
+        )
+    return store, sorted((tmp_path / "train/checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "missing"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_and_says_so(
+    tmp_path: Path, trained: Network, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    store, (previous, newest) = two_checkpoints(tmp_path, trained)
+    data = newest.read_bytes()
+    if damage == "truncated":  # preemption mid-write on a store without atomic rename
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":  # same length, one byte of tensor data changed: only the checksum sees it
+        middle = len(data) // 2
+        newest.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    else:
+        newest.unlink()
+    with caplog.at_level(logging.WARNING):
+        ckpt = load_latest(store, "train")
+    assert ckpt is not None and ckpt["epoch"] == 1
+    assert newest.name in caplog.text and f"previous good checkpoint {previous.as_uri()}" in caplog.text
+
+
+def test_no_readable_checkpoint_starts_over_naming_what_it_skipped(
+    tmp_path: Path, trained: Network, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, paths = two_checkpoints(tmp_path, trained)
+    for path in paths:
+        path.write_bytes(b"PK\x03\x04 cut")
+    with caplog.at_level(logging.WARNING):
+        assert load_latest(store, "train") is None
+    assert "no readable checkpoint" in caplog.text and all(p.name in caplog.text for p in paths)
+
+
+def test_an_unreadable_latest_pointer_falls_back_to_the_newest_checkpoint(tmp_path: Path, trained: Network) -> None:
+    store, _ = two_checkpoints(tmp_path, trained)
+    (tmp_path / "train/latest.json").write_bytes(b'{"checkpoint": "chec')
+    ckpt = load_latest(store, "train")
+    assert ckpt is not None and ckpt["epoch"] == 2
