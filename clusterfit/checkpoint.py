@@ -146,7 +146,7 @@ def read_checkpoint(store: Store, key: str, sha256: str | None) -> dict[str, Any
     except NotFound:
         raise CorruptCheckpoint(f"{uri}: missing") from None
     if sha256 is not None and sha256_bytes(data) != sha256:
-        raise CorruptCheckpoint(f"{uri}: {len(data)} bytes that do not match the sha256 latest.json recorded")
+        raise CorruptCheckpoint(f"{uri}: {len(data)} bytes that do not match the sha256 {LATEST_POINTER} recorded")
     try:
         ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch.load of a cut file raises many kinds (zip, pickle, EOF)
