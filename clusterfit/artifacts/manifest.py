@@ -126,10 +126,16 @@ def read_manifest(store: Store, folder: str) -> dict[str, Any]:
         raise ArtifactError(
             f"{store.uri(folder)}: no {MANIFEST}: the step that writes this artifact has not finished (or never ran)"
         ) from None
+    where = f"{store.uri(folder)}/{MANIFEST}"
     try:
         manifest: dict[str, Any] = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{store.uri(folder)}/{MANIFEST}: not valid JSON: {exc}") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ArtifactError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ArtifactError(f"{where}: not a manifest (a JSON object whose 'files' is an object)")
+    for name, entry in manifest.get("files", {}).items():
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(entry.get("sha256"), str)):
+            raise ArtifactError(f"{where}: the entry of {name!r} lacks an integer 'size' and a text 'sha256'")
     manifest["_digest"] = sha256_bytes(data)
     return manifest
 
@@ -151,7 +157,7 @@ def skip_if_published(store: Store, folder: str, fingerprint_: str, step: str) -
 
 def load_bytes(store: Store, folder: str, name: str, manifest: dict[str, Any]) -> bytes:
     """A file of a published folder, checked against the manifest's size and sha256."""
-    entry = manifest["files"].get(name)
+    entry = manifest.get("files", {}).get(name)
     if entry is None:
         raise ArtifactError(f"{store.uri(folder)}: {name} is not listed in its {MANIFEST}")
     data = store.get_bytes(f"{folder}/{name}")

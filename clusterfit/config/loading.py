@@ -65,6 +65,8 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
         if not key.startswith("config.") or len(key) <= len("config."):
             raise ConfigError(f"argument {arg!r}: overrides are written config.KEY.PATH=value")
         path = key[len("config.") :].split(".")
+        if "" in path:
+            raise ConfigError(f"argument {arg!r}: {key!r} has an empty key between its dots")
         _set_path(overrides, path, parse_value(raw, field_annotation(path), key))
     return name, overrides
 
@@ -151,9 +153,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
