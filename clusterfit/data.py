@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
@@ -125,13 +127,22 @@ class SyntheticSource:
 
 
 class FileSource:
-    """Images named by keys below one store root (a folder tree or a file list)."""
+    """Images named by keys below one store root (a folder tree or a file list). `written`: each
+    image's name as the file list spells it (its identity), where that differs from its key."""
 
-    def __init__(self, store: Store, keys: list[str], targets: np.ndarray | None, classes: list[str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keys: list[str],
+        targets: np.ndarray | None,
+        classes: list[str],
+        written: list[str] | None = None,
+    ) -> None:
         self.store = store
         self.keys = keys
         self.targets = targets
         self.classes = classes
+        self.written = written if written is not None else keys
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -140,7 +151,7 @@ class FileSource:
         return self.store.uri(self.keys[index])
 
     def key(self, index: int) -> str:
-        return self.keys[index]
+        return self.written[index]
 
     def load(self, index: int) -> Image.Image:
         try:
@@ -193,7 +204,24 @@ def filelist_source(path: str, cfg: Config, key: str) -> FileSource:
     if labels and len(labels) != len(keys):
         raise DatasetError(f"{path}: {len(labels)} of {len(keys)} lines have a label; label all or none")
     targets = np.array(labels, dtype=np.int64) if labels else None
-    return FileSource(open_store(head, cfg.STORAGE), keys, targets, [])
+    root, located = list_locations(head, keys)
+    return FileSource(open_store(root, cfg.STORAGE), located, targets, [], written=keys)
+
+
+def list_locations(head: str, names: list[str]) -> tuple[str, list[str]]:
+    """A file list's entries, relative to its folder `head` or absolute (`/data/x.jpg`, as VISSL's lists
+    are), as keys below one root: the file system's (`file:///`) or the bucket's. `..` is resolved
+    against the folder, as a shell would, never above that root."""
+    parsed = urlparse(head)
+    if parsed.scheme == "s3":
+        folder, root = parsed.path, f"s3://{parsed.netloc}"
+    else:
+        folder, root = unquote(parsed.path) if parsed.scheme == "file" else head, "file:///"
+    located = []
+    for name in names:
+        joined = posixpath.normpath(posixpath.join("/", folder, name))  # an absolute name replaces the folder
+        located.append(joined.lstrip("/"))
+    return root, located
 
 
 def known_classes(found: list[str], class_list: tuple[list[str], str], where: str) -> list[str]:

@@ -357,3 +357,15 @@ def test_a_test_class_that_train_lacks_is_named(tmp_path: Path) -> None:
         build_source(cfg, "TEST")
     assert "'emu'" in str(error.value) and str(tmp_path / "test") in str(error.value)
     assert "DATA.TRAIN.DATA_PATHS" in str(error.value)
+
+
+def test_disk_filelist_entries_may_be_absolute_or_climb_out_of_the_lists_folder(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"imgs/a.png": (10, 0, 0), "imgs/b.png": (20, 0, 0)})
+    (tmp_path / "lists").mkdir()
+    listing = tmp_path / "lists" / "train.txt"
+    absolute = str(tmp_path / "imgs" / "b.png")  # VISSL's file lists hold absolute paths
+    listing.write_text(f"../imgs/a.png,0\n{absolute},1\n")
+    source: Any = build_source(config("TRAIN", DATA_SOURCES=["disk_filelist"], DATA_PATHS=[str(listing)]), "TRAIN")
+    assert [source.load(i).getpixel((0, 0))[0] for i in range(2)] == [10, 20]
+    assert [source.name(i) for i in range(2)] == [(tmp_path / "imgs" / n).as_uri() for n in ("a.png", "b.png")]
+    assert [source.key(i) for i in range(2)] == ["../imgs/a.png", absolute]  # the identity: as the list spells it
