@@ -149,6 +149,7 @@ class Work:
     bytes_read: float
     bytes_written: float
     formula: str
+    rate: str  # the key of the rate it runs at
 
 
 def work(n: int, bytes_per_value: int = 4) -> list[Work]:
@@ -158,33 +159,35 @@ def work(n: int, bytes_per_value: int = 4) -> list[Work]:
     sample = min(n, K * MAX_POINTS_PER_CENTROID)
     features = n * D * bytes_per_value
     return [
-        Work("extract", n * extract_flop, n * JPEG_KB * 1e3, features, f"N x {extract_flop / 1e9:.2f} GFLOP"),
+        Work(
+            "extract", n * extract_flop, n * JPEG_KB * 1e3, features, f"N x {extract_flop / 1e9:.2f} GFLOP", "extract"
+        ),
         Work(
             "k-means training",
             2.0 * sample * K * D * N_ITER,
             sample * D * bytes_per_value,
             K * D * 4,
             f"2 x S x K x d x {N_ITER}, S = min(N, {MAX_POINTS_PER_CENTROID}K) = {sample:,}",
+            "kmeans",
         ),
-        Work("assignment", 2.0 * n * K * D, features, n * 8, "2 x N x K x d"),
-        Work("training, per epoch", n * train_flop, n * JPEG_KB * 1e3, 0, f"N x 3 x {train_flop / 3e9:.2f} GFLOP"),
+        Work("assignment", 2.0 * n * K * D, features, n * 8, "2 x N x K x d", "assign"),
+        Work(
+            "training, per epoch",
+            n * train_flop,
+            n * JPEG_KB * 1e3,
+            0,
+            f"N x 3 x {train_flop / 3e9:.2f} GFLOP",
+            "train",
+        ),
         Work(
             f"training, {EPOCHS} epochs",
             EPOCHS * n * train_flop,
             EPOCHS * n * JPEG_KB * 1e3,
             0,
             f"{EPOCHS} x N x 3 x {train_flop / 3e9:.2f} GFLOP",
+            "train",
         ),
     ]
-
-
-STEP_RATE = {
-    "extract": "extract",
-    "k-means training": "kmeans",
-    "assignment": "assign",
-    "training, per epoch": "train",
-    f"training, {EPOCHS} epochs": "train",
-}
 
 
 def duration(s: float) -> str:
@@ -204,7 +207,7 @@ def si(value: float, unit: str) -> str:
 def time_cell(item: Work, rates: dict[str, Rate] | None) -> str:
     if rates is None:
         return "not measured"
-    rate = rates[STEP_RATE[item.step]]
+    rate = rates[item.rate]
     return f"{si(item.flop, 'FLOP')} / {si(rate.value, 'FLOP/s')} = {duration(item.flop / rate.value)}"
 
 

@@ -221,8 +221,8 @@ def write_chunk(
         where = store.uri(f"{folder}/{part}")
         if not np.isfinite(feats).all():
             raise FloatingPointError(f"{where}: the model produced NaN/inf features")
-        largest = float(np.abs(feats).max()) if feats.size else 0.0
-        if storage_dtype == "float16" and largest > FLOAT16_MAX:
+        largest = float(np.abs(feats).max(initial=0.0)) if storage_dtype == "float16" else 0.0
+        if largest > FLOAT16_MAX:
             raise InputError(
                 f"{where}: a feature of magnitude {largest:.4g} does not fit float16 (max {FLOAT16_MAX:.0f}); "
                 "set EXTRACT.STORAGE_DTYPE=bfloat16 (float32's range) or float32"
