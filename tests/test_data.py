@@ -369,3 +369,12 @@ def test_disk_filelist_entries_may_be_absolute_or_climb_out_of_the_lists_folder(
     assert [source.load(i).getpixel((0, 0))[0] for i in range(2)] == [10, 20]
     assert [source.name(i) for i in range(2)] == [(tmp_path / "imgs" / n).as_uri() for n in ("a.png", "b.png")]
     assert [source.key(i) for i in range(2)] == ["../imgs/a.png", absolute]  # the identity: as the list spells it
+
+
+def test_a_listed_key_the_store_refuses_is_a_bad_image_naming_it(tmp_path: Path) -> None:
+    from clusterfit.data import FileSource
+    from clusterfit.storage import open_store
+
+    source = FileSource(open_store(tmp_path.as_uri()), ["cat//a.png"], None, [])  # S3 listings can hold such keys
+    with pytest.raises(BadImageError, match=r"cat/a\.png: cannot read image: .*segment"):
+        source.load(0)  # DATA.ON_BAD_IMAGE decides what then
