@@ -125,7 +125,7 @@ def run_plain(p: dict[str, Any], channels_last: bool) -> dict[str, Any]:
     )
     model.train()
     seconds, start = 0.0, time.perf_counter()
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets, _) in enumerate(loader):
         if step == WARMUP_STEPS:
             start = time.perf_counter()
         loss = loss_fn(model(images.contiguous(memory_format=fmt)), targets)

@@ -3,7 +3,9 @@
 Sources (`DATA.<SPLIT>.DATA_SOURCES`):
 - `disk_folder`: an ImageFolder tree `<root>/<class>/<image>`, local or an `s3://` prefix; classes
   and files sorted, as torchvision's ImageFolder orders them.
-- `disk_filelist`: a text file, one `path[,label]` per line (paths relative to the list's folder).
+- `disk_filelist`: a text file, one `path[,label]` per line (paths relative to the list's folder, or
+  absolute; blank lines and lines starting with # skipped). Both file-based sources, how their files
+  are listed and read and what makes an image unusable, are in clusterfit/image_files.py.
 - `mnist_idx`: a folder (or `s3://` prefix) of MNIST-format IDX files: Fashion-MNIST, MNIST, KMNIST
   (clusterfit/idx.py); TRAIN is `train-*`, TEST `t10k-*`.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (real images, no download), upsampled to
@@ -14,21 +16,19 @@ Sources (`DATA.<SPLIT>.DATA_SOURCES`):
 default for folders and file lists), in dataset order. A TEST folder's class ids are TRAIN's, so a
 class missing from TEST shifts nothing. `images_identity` is what label files are checked against.
 
-Every item is `(image_tensor, dataset_index, ok)`; `ok` is False only for an unreadable image
-when `DATA.ON_BAD_IMAGE: skip`, otherwise such an image raises `BadImageError` naming the file.
+Every item is `(image_tensor, dataset_index, problem)`: `problem` is "" for an image that was read, and
+for one that cannot be used (clusterfit/image_files.py: a link out of the dataset root, a dangling link,
+a FIFO, an empty, truncated or non-image file...) its reason, with a blank image, when
+`DATA.ON_BAD_IMAGE: skip`; otherwise such an image raises `BadImageError` naming the file and the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
@@ -36,23 +36,14 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clusterfit.config import Config, DataSplitConfig, TransformsConfig
-from clusterfit.errors import UserError
 from clusterfit.idx import IdxSource
-from clusterfit.storage import Store, open_store, read_uri, split_uri
+from clusterfit.image_files import BadImageError, DatasetError, filelist_source, folder_source
+from clusterfit.storage import open_store
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # DATA_LIMIT_SAMPLING.METHOD auto: VISSL's random draw where the dataset order is by class or by a list
 # someone wrote; digits and synthetic are class-mixed already and keep their nested first-N subsets.
 RANDOM_LIMIT_SOURCES = ("disk_folder", "disk_filelist", "mnist_idx")
-
-
-class DatasetError(UserError, ValueError):
-    """A dataset that cannot be read; the message names the config key, folder or file."""
-
-
-class BadImageError(DatasetError):
-    """One image that cannot be decoded."""
 
 
 class ImageSource(Protocol):
@@ -124,116 +115,6 @@ class SyntheticSource:
 
     def key(self, index: int) -> str:
         return self.name(index)
-
-
-class FileSource:
-    """Images named by keys below one store root (a folder tree or a file list). `written`: each
-    image's name as the file list spells it (its identity), where that differs from its key."""
-
-    def __init__(
-        self,
-        store: Store,
-        keys: list[str],
-        targets: np.ndarray | None,
-        classes: list[str],
-        written: list[str] | None = None,
-    ) -> None:
-        self.store = store
-        self.keys = keys
-        self.targets = targets
-        self.classes = classes
-        self.written = written if written is not None else keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def name(self, index: int) -> str:
-        return self.store.uri(self.keys[index])
-
-    def key(self, index: int) -> str:
-        return self.written[index]
-
-    def load(self, index: int) -> Image.Image:
-        try:
-            data = self.store.get_bytes(self.keys[index])
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except Exception as exc:
-            raise BadImageError(f"{self.name(index)}: cannot read image: {exc}") from exc
-
-
-def folder_source(path: str, cfg: Config, key: str, class_list: tuple[list[str], str] | None = None) -> FileSource:
-    """An ImageFolder tree; `class_list`: (the classes whose ids to use, the key naming where they come from)
-    instead of this tree's own."""
-    store = open_store(path, cfg.STORAGE)
-    if store.root.startswith("file:") and not Path(store.backend.root).is_dir():  # type: ignore[attr-defined]
-        raise DatasetError(f"{key}: {path}: no such folder")
-    keys = [k for k in store.list("") if k.lower().endswith(IMAGE_SUFFIXES) and "/" in k]
-    if not keys:
-        raise DatasetError(
-            f"{key}: {path}: no images found in <root>/<class>/<image> layout ({', '.join(IMAGE_SUFFIXES)})"
-        )
-    classes = sorted({k.split("/", 1)[0] for k in keys})
-    if class_list is not None:
-        classes = known_classes(classes, class_list, f"{key}: {path}")
-    class_index = {c: i for i, c in enumerate(classes)}
-    # torchvision's order: by class, then by folder (a folder's own files before its subfolders'), then name.
-    keys.sort(key=lambda k: (class_index[k.split("/", 1)[0]], k.rpartition("/")[0], k.rpartition("/")[2]))
-    targets = np.array([class_index[k.split("/", 1)[0]] for k in keys], dtype=np.int64)
-    return FileSource(store, keys, targets, classes)
-
-
-def filelist_source(path: str, cfg: Config, key: str) -> FileSource:
-    try:
-        text = read_uri(path, cfg.STORAGE).decode()
-    except Exception as exc:
-        raise DatasetError(f"{key}: {path}: cannot read file list: {exc}") from exc
-    head, _ = split_uri(path if "://" in path else Path(path).absolute().as_uri())
-    keys: list[str] = []
-    labels: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, _, label = line.strip().partition(",")
-        keys.append(name.strip())
-        if label.strip():
-            try:
-                labels.append(int(label))
-            except ValueError:
-                raise DatasetError(f"{path}:{number}: label {label!r} is not an integer") from None
-    if labels and len(labels) != len(keys):
-        raise DatasetError(f"{path}: {len(labels)} of {len(keys)} lines have a label; label all or none")
-    targets = np.array(labels, dtype=np.int64) if labels else None
-    root, located = list_locations(head, keys)
-    return FileSource(open_store(root, cfg.STORAGE), located, targets, [], written=keys)
-
-
-def list_locations(head: str, names: list[str]) -> tuple[str, list[str]]:
-    """A file list's entries, relative to its folder `head` or absolute (`/data/x.jpg`, as VISSL's lists
-    are), as keys below one root: the file system's (`file:///`) or the bucket's. `..` is resolved
-    against the folder, as a shell would, never above that root."""
-    parsed = urlparse(head)
-    if parsed.scheme == "s3":
-        folder, root = parsed.path, f"s3://{parsed.netloc}"
-    else:
-        folder, root = unquote(parsed.path) if parsed.scheme == "file" else head, "file:///"
-    located = []
-    for name in names:
-        joined = posixpath.normpath(posixpath.join("/", folder, name))  # an absolute name replaces the folder
-        located.append(joined.lstrip("/"))
-    return root, located
-
-
-def known_classes(found: list[str], class_list: tuple[list[str], str], where: str) -> list[str]:
-    """`class_list`'s classes, once every class folder in `found` is one of them."""
-    classes, origin = class_list
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DatasetError(
-            f"{where}: class folder(s) {', '.join(map(repr, unknown[:10]))} not among the {len(classes)} classes of "
-            f"{origin}; class ids are TRAIN's, so every TEST class must be a TRAIN class"
-        )
-    return classes
 
 
 def train_class_list(cfg: Config) -> tuple[list[str], str] | None:
@@ -344,7 +225,10 @@ def balanced_sample(targets: np.ndarray, limit: int, skip: int, seed: int, key: 
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
-class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, bool]]):
+class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):
+    """(image tensor, dataset index, problem): problem is "" for an image that was read, else (with
+    on_bad_image "skip") its reason, with a blank image."""
+
     def __init__(
         self, source: ImageSource, transform: Callable[[Image.Image], torch.Tensor], on_bad_image: str = "error"
     ) -> None:
@@ -356,15 +240,15 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, bool]]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
             image = self.source.load(index)
-        except BadImageError:
+        except BadImageError as exc:
             if self.on_bad_image != "skip":
                 raise
-            log.warning("skipping unreadable image %s", self.source.name(index))
-            return self.blank(), index, False
-        return self.transform(image), index, True
+            log.warning("skipped (DATA.ON_BAD_IMAGE=skip): %s", exc)
+            return self.blank(), index, exc.reason
+        return self.transform(image), index, ""
 
     def blank(self) -> torch.Tensor:
         if self._blank is None:
@@ -409,7 +293,7 @@ def images_identity(source: ImageSource) -> dict[str, Any]:
     and training refuses labels recorded for another identity."""
     digest = hashlib.sha256()
     for index in range(len(source)):
-        digest.update(source.key(index).encode() + b"\n")
+        digest.update(source.key(index).encode(errors="surrogateescape") + b"\n")  # a local name's own bytes
     return {"num_images": len(source), "images_sha256": digest.hexdigest()}
 
 

@@ -51,6 +51,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
     return Dist(ranks, device)
 
 
+def all_sum(values: list[int], device: torch.device) -> list[int]:
+    """`values` summed element-wise over every rank (as they are on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    totals = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(totals)
+    return [int(n) for n in totals.tolist()]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -14,7 +14,6 @@ A label file is only as good as its order. Three kinds are accepted:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -28,7 +27,7 @@ from clusterfit.artifacts.layout import LABELS, LABELS_IMAGES_KEY, MANIFEST, clu
 from clusterfit.config import Config
 from clusterfit.data import ImageSource, build_source, images_identity
 from clusterfit.errors import UserError
-from clusterfit.storage import NotFound, Store, read_uri, sha256_bytes, split_uri
+from clusterfit.storage import NotFound, Store, npy_view, read_uri, sha256_bytes, split_uri
 
 log = logging.getLogger(__name__)
 KEY = "DATA.TRAIN.LABEL_PATHS"
@@ -54,14 +53,16 @@ def load_labels(
         manifest = artifacts.read_manifest(store, folder)
         labels = artifacts.load_array(store, folder, LABELS, manifest)
         uri, digest = store.uri(f"{folder}/{LABELS}"), str(manifest["_digest"])
-        check_identity(manifest.get(LABELS_IMAGES_KEY, {}).get(LABELS), uri, images, required=False)
+        check_identity(recorded_identity(manifest, LABELS), uri, images, required=False)
     check_labels(labels, uri, num_images, cfg.CLUSTERFIT.NUM_CLUSTERS)
     return labels.astype(np.int64), uri, digest
 
 
 def label_file(cfg: Config, uri: str, images: ImageSource) -> tuple[np.ndarray, str, str]:
     """A LABEL_PATHS file in dataset order, by whichever of the three kinds it is; (labels, URI, digest)."""
-    data = read_uri(uri, cfg.STORAGE)
+    data = optional_read(uri, cfg)
+    if data is None:
+        raise LabelError(f"{KEY}: {uri}: no such file")
     labels = read_npy(data, uri)
     digest = sha256_bytes(data)
     num_clusters = cfg.CLUSTERFIT.NUM_CLUSTERS
@@ -69,7 +70,7 @@ def label_file(cfg: Config, uri: str, images: ImageSource) -> tuple[np.ndarray, 
     listed = optional_read(images_uri, cfg)
     if listed is not None:
         paths = read_npy(listed, images_uri)
-        if not np.issubdtype(labels.dtype, np.integer):
+        if labels.dtype.kind not in "iu":  # numpy counts timedelta64 as an integer type
             raise LabelError(f"{uri}: labels must be integers (int64), got dtype {labels.dtype}")
         aligned = realign(labels, paths, images, uri, images_uri, cfg.DATA.TRAIN.DATA_PATHS)
         return aligned, uri, sha256_bytes((digest + sha256_bytes(listed)).encode())
@@ -77,10 +78,10 @@ def label_file(cfg: Config, uri: str, images: ImageSource) -> tuple[np.ndarray, 
     check_labels(labels, uri, len(images), num_clusters)
     if ours is not None:
         manifest, name = ours
-        entry = manifest.get("files", {}).get(name, {})
-        if entry.get("sha256") != digest:
+        entry = manifest["files"].get(name)
+        if not isinstance(entry, dict) or entry.get("sha256") != digest:
             raise LabelError(f"{KEY}: {uri}: does not match its folder's {MANIFEST} (altered after publication?)")
-        check_identity(manifest.get(LABELS_IMAGES_KEY, {}).get(name), uri, images, required=True)
+        check_identity(recorded_identity(manifest, name), uri, images, required=True)
     elif cfg.DATA.TRAIN.TRUST_LABEL_ORDER:
         log.warning(
             "%s: %s has no image list and no %s beside it; taken as one label per image in dataset order, "
@@ -100,18 +101,22 @@ def label_file(cfg: Config, uri: str, images: ImageSource) -> tuple[np.ndarray, 
 
 
 def read_npy(data: bytes, uri: str) -> np.ndarray:
+    """The array in .npy bytes; its header is checked against the payload before anything is allocated (a
+    header may claim terabytes), and a .npz (a zip, which np.load would open) is refused."""
     try:
-        array: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise LabelError(f"{KEY}: {uri}: not a .npy array: {exc}") from exc
-    return array
+        return np.array(npy_view(data))
+    except (ValueError, OSError, EOFError, MemoryError) as exc:
+        raise LabelError(f"{KEY}: {uri}: not a .npy array: {exc}") from None
 
 
 def optional_read(uri: str, cfg: Config) -> bytes | None:
+    """The bytes at `uri`; None when there is nothing there."""
     try:
         return read_uri(uri, cfg.STORAGE)
     except NotFound:
         return None
+    except OSError as exc:  # a folder, or a file the system refuses to read
+        raise LabelError(f"{KEY}: {uri}: cannot read: {exc.strerror or exc}") from None
 
 
 def our_manifest(cfg: Config, uri: str) -> tuple[dict[str, Any], str] | None:
@@ -126,14 +131,22 @@ def our_manifest(cfg: Config, uri: str) -> tuple[dict[str, Any], str] | None:
         data = optional_read(f"{where}/{MANIFEST}", cfg)
         if data is not None:
             try:
-                manifest: dict[str, Any] = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise LabelError(f"{KEY}: {where}/{MANIFEST}: not valid JSON: {exc}") from exc
+                manifest = json.loads(data)
+            except ValueError as exc:  # not JSON, or not UTF-8
+                raise LabelError(f"{KEY}: {where}/{MANIFEST}: not valid JSON: {exc}") from None
+            if not isinstance(manifest, dict) or not isinstance(manifest.setdefault("files", {}), dict):
+                raise LabelError(f"{KEY}: {where}/{MANIFEST}: not a manifest (a JSON object whose 'files' is one)")
             return manifest, relative
     return None
 
 
-def check_identity(recorded: dict[str, Any] | None, uri: str, images: ImageSource, required: bool) -> None:
+def recorded_identity(manifest: dict[str, Any], name: str) -> Any:
+    """The identity of the images the label file `name` labels, as its manifest records it (None: not recorded)."""
+    per_file = manifest.get(LABELS_IMAGES_KEY)
+    return per_file.get(name) if isinstance(per_file, dict) else None
+
+
+def check_identity(recorded: Any, uri: str, images: ImageSource, required: bool) -> None:
     """Refuse labels recorded for other images, or another order, than the training dataset's."""
     if recorded is None:
         if required:
@@ -145,9 +158,10 @@ def check_identity(recorded: dict[str, Any] | None, uri: str, images: ImageSourc
         return
     actual = images_identity(images)
     if recorded != actual:
+        said = recorded if isinstance(recorded, dict) else {}
         raise LabelError(
-            f"{uri}: labels of {recorded.get('num_images')} images (names sha256 "
-            f"{str(recorded.get('images_sha256'))[:12]}), but DATA.TRAIN is {actual['num_images']} images (sha256 "
+            f"{uri}: labels of {said.get('num_images')} images (names sha256 "
+            f"{str(said.get('images_sha256'))[:12]}), but DATA.TRAIN is {actual['num_images']} images (sha256 "
             f"{actual['images_sha256'][:12]}): other images or another order (DATA.TRAIN.DATA_PATHS, DATA_LIMIT, "
             "DATA_LIMIT_SAMPLING); train on the data these labels were made from, or recluster"
         )
@@ -162,7 +176,7 @@ def realign(
     path, as what is left once its tail matches a dataset image's root-relative name."""
     if paths.ndim != 1 or labels.ndim != 1 or len(paths) != len(labels):
         raise LabelError(
-            f"{KEY}: {uri}: {len(labels)} labels but {images_uri} lists {len(paths)} images (shapes {labels.shape}, "
+            f"{KEY}: {uri}: {labels.size} labels but {images_uri} lists {paths.size} images (shapes {labels.shape}, "
             f"{paths.shape}): not a pair written together"
         )
     where = {images.key(i): i for i in range(len(images))}
@@ -199,7 +213,7 @@ def vissl_root(path: str, where: dict[str, int]) -> str:
 def check_labels(labels: np.ndarray, uri: str, num_images: int, num_clusters: int) -> None:
     if labels.ndim != 1:
         raise LabelError(f"{uri}: labels must be one-dimensional (one per image), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
+    if labels.dtype.kind not in "iu":  # numpy counts timedelta64 (NaT included) as an integer type
         raise LabelError(f"{uri}: labels must be integers (int64), got dtype {labels.dtype}")
     if len(labels) != num_images:
         raise LabelError(f"{uri}: {len(labels)} labels but the training dataset has {num_images} images")

@@ -61,7 +61,7 @@ def linear_eval_heads(
     return heads
 
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images, targets)
+Batches = Iterable[tuple[Any, ...]]  # (images, targets) or, from a LabelledDataset, (images, targets, problems)
 
 
 def train_linear_eval(
@@ -81,7 +81,7 @@ def train_linear_eval(
     optimizer: torch.optim.Optimizer | None = None
     for epoch in range(v.OPTIMIZER.NUM_EPOCHS):
         lr = lr_at(epoch, v.OPTIMIZER, v.BATCH_SIZE, 1)
-        for images, targets in train:
+        for images, targets, *_ in train:
             with torch.no_grad():
                 taps = trunk.taps(images.to(device), layers)
             if heads is None or optimizer is None:  # sized from the first batch's maps
@@ -100,7 +100,7 @@ def train_linear_eval(
     predicted: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     truth = []
     with torch.no_grad():
-        for images, targets in test:
+        for images, targets, *_ in test:
             taps = trunk.taps(images.to(device), layers)
             for layer in layers:
                 predicted[layer].append(heads[layer](taps[layer]).argmax(1).cpu().numpy())

@@ -5,6 +5,10 @@ one epoch, and `fit()`, the whole of a training step.
 (checkpointing every CHECKPOINT_FREQUENCY epochs and every CHECKPOINT_ITER_FREQUENCY steps, and on
 SIGTERM), then rank 0 writes final.pt and metrics.jsonl and publishes `_SUCCESS.json`. Plain
 functions that take every object explicitly (torchvision's references/classification shape).
+
+An image DATA.ON_BAD_IMAGE=skip skipped arrives blank: it stays in its batch (every rank keeps
+stepping together) but out of the loss and the accuracy, and each epoch's row of metrics.jsonl, its
+log line and the summary count the skipped images per reason, over all ranks.
 """
 
 from __future__ import annotations
@@ -23,23 +27,27 @@ import torch
 from torch import nn
 
 from clusterfit import artifacts, distributed
-from clusterfit.artifacts.layout import FINAL_CHECKPOINT, METRICS_LOG
+from clusterfit.artifacts.layout import FINAL_CHECKPOINT, METRICS_LOG, SKIPPED_BY_REASON_KEY
 from clusterfit.checkpoint import TrainState, final_checkpoint, load_latest, make_checkpoint, restore, save_checkpoint
 from clusterfit.config import Config, OptimizerConfig
+from clusterfit.image_files import REASONS, count_reasons
 from clusterfit.models import amp_enabled
 from clusterfit.runtime import Interrupted, progress
 from clusterfit.storage import Store
 
 log = logging.getLogger(__name__)
 
-# (images, targets) -> (inputs, targets) on the device: RotNet rotates here, ClusterFit passes through.
+# (images, targets) -> (inputs, targets) on the device: RotNet rotates here, ClusterFit passes through. The
+# inputs are the batch once or k times over (RotNet's four rotations), block by block.
 BatchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+IGNORE = -100  # nn.CrossEntropyLoss's ignore_index: the target of a skipped image
 
 
 class LabelledImages(Sized, Protocol):
-    """A map-style dataset of (image, target) pairs."""
+    """A map-style dataset of (image, target, problem): problem "" for an image that was read, else why it
+    was skipped (clusterfit.image_files.REASONS)."""
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]: ...
 
 
 def param_groups(model: nn.Module, opt: OptimizerConfig) -> list[dict[str, Any]]:
@@ -123,22 +131,30 @@ class EpochContext:
 
 
 def train_one_epoch(
-    ctx: EpochContext, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], state: TrainState, epoch: int
-) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, top-1 on the training targets, images/s and the last LR."""
+    ctx: EpochContext, loader: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], state: TrainState, epoch: int
+) -> dict[str, Any]:
+    """One pass over `loader`; returns mean loss, top-1 on the training targets, images/s, the last LR, and
+    this rank's skipped images per reason."""
     ctx.model.train()
     total_loss, correct, seen, lr, start = 0.0, 0, 0, 0.0, time.perf_counter()
+    skipped: list[str] = []
     todo = ctx.batches_per_epoch - state.step_in_epoch
-    for images, targets in progress(loader, todo, f"epoch {epoch}", ctx.progress_interval_s, "step"):
+    for images, targets, problems in progress(loader, todo, f"epoch {epoch}", ctx.progress_interval_s, "step"):
         on_device = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
         inputs, labels = ctx.batch_fn(*on_device)
+        bad = [p for p in problems if p]
+        if bad:  # blank images: out of the loss and the accuracy
+            skipped += bad
+            labels = ignore_skipped(labels, problems)
+        kept = len(labels) // len(problems) * (len(problems) - len(bad))
         inputs = inputs.contiguous(memory_format=ctx.memory_format)
         lr = ctx.lr_fn(epoch + state.step_in_epoch / ctx.batches_per_epoch)
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
             logits = ctx.model(inputs)
-            loss = ctx.loss_fn(logits.float(), labels)
+            # A batch of skipped images only still steps (DDP's ranks step together), with a zero loss.
+            loss = ctx.loss_fn(logits.float(), labels) if kept else logits.float().sum() * 0.0
         if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"epoch {epoch} step {state.step}: loss is {loss.item()} (lower OPTIMIZER.BASE_LR?)"
@@ -148,14 +164,26 @@ def train_one_epoch(
         ctx.optimizer.step()
         state.step += 1
         state.step_in_epoch += 1
-        total_loss += loss.item() * len(labels)
+        total_loss += loss.item() * kept
         correct += int((logits.argmax(1) == labels).sum())
-        seen += len(labels)
+        seen += kept
         ctx.on_step(state)
     elapsed = time.perf_counter() - start
     seen_or_1 = max(seen, 1)
     speed = seen / max(elapsed, 1e-9)
-    return {"loss": total_loss / seen_or_1, "top1": 100.0 * correct / seen_or_1, "images_per_s": speed, "lr": lr}
+    return {
+        "loss": total_loss / seen_or_1,
+        "top1": 100.0 * correct / seen_or_1,
+        "images_per_s": speed,
+        "lr": lr,
+        SKIPPED_BY_REASON_KEY: count_reasons(skipped),
+    }
+
+
+def ignore_skipped(labels: torch.Tensor, problems: list[str]) -> torch.Tensor:
+    """`labels` (k x B, the batch's B images k times over, block by block) with IGNORE for the skipped images."""
+    skipped = torch.tensor([bool(p) for p in problems], device=labels.device)
+    return labels.masked_fill(skipped.repeat(len(labels) // len(problems)), IGNORE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +214,8 @@ class FitResult:
     history: list[dict[str, Any]] | None = None
 
 
-class LabelledDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
-    """(image, target) pairs from an ImageDataset and one int target per dataset index."""
+class LabelledDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):
+    """(image, target, problem) from an ImageDataset and one int target per dataset index."""
 
     def __init__(self, images: Any, targets: Any) -> None:
         self.images = images
@@ -196,9 +224,9 @@ class LabelledDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, _, _ = self.images[index]
-        return image, int(self.targets[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        image, _, problem = self.images[index]
+        return image, int(self.targets[index]), problem
 
 
 def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitResult:
@@ -226,13 +254,15 @@ def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitRe
             job.batch_size,
             state.step_in_epoch,
         )
-        loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = torch.utils.data.DataLoader(
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]] = torch.utils.data.DataLoader(
             job.dataset,  # type: ignore[arg-type]  # any map-style dataset of (image, target)
             batch_sampler=batches,
             num_workers=cfg.DATA.NUM_DATALOADER_WORKERS,
             pin_memory=dist.device.type == "cuda",
         )
         stats = train_one_epoch(ctx, loader, state, epoch)
+        skipped = skipped_on_all_ranks(stats.pop(SKIPPED_BY_REASON_KEY), dist.device)
+        stats.update({SKIPPED_BY_REASON_KEY: skipped} if skipped else {})
         state.epoch, state.step_in_epoch = epoch + 1, 0
         state.history.append({"epoch": epoch + 1, "step": state.step, **stats})
         log.info("%s epoch %d/%d: %s", job.step, epoch + 1, num_epochs, epoch_summary(stats))
@@ -247,9 +277,26 @@ def fit(cfg: Config, store: Store, job: FitJob, dist: distributed.Dist) -> FitRe
     return FitResult(job.folder, False, resumed, state.history)
 
 
-def epoch_summary(stats: dict[str, float]) -> str:
+def epoch_summary(stats: dict[str, Any]) -> str:
     speed = f"lr {stats['lr']:.4g}, {stats['images_per_s']:.0f} samples/s"
-    return f"loss {stats['loss']:.4f}, top-1 {stats['top1']:.2f}%, {speed}"
+    skipped = stats.get(SKIPPED_BY_REASON_KEY)
+    bad = f"; {sum(skipped.values())} images skipped (DATA.ON_BAD_IMAGE=skip), by reason {skipped}" if skipped else ""
+    return f"loss {stats['loss']:.4f}, top-1 {stats['top1']:.2f}%, {speed}{bad}"
+
+
+def skipped_on_all_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
+    """Skipped images per reason, summed over every rank."""
+    totals = distributed.all_sum([counts.get(reason, 0) for reason in REASONS], device)
+    return {reason: n for reason, n in zip(REASONS, totals, strict=True) if n}
+
+
+def skipped_in_one_pass(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Per reason, the most images one epoch (one pass over the images) skipped."""
+    most: dict[str, int] = {}
+    for row in history:
+        for reason, n in row.get(SKIPPED_BY_REASON_KEY, {}).items():
+            most[reason] = max(most.get(reason, 0), n)
+    return dict(sorted(most.items()))
 
 
 def resume(
@@ -322,7 +369,12 @@ def publish(cfg: Config, store: Store, job: FitJob, model: nn.Module, state: Tra
         inputs=job.inputs,
         fingerprint_=job.fingerprint,
         started_s=started,
-        extra={"epochs": state.epoch, "steps": state.step, **job.extra},
+        extra={
+            "epochs": state.epoch,
+            "steps": state.step,
+            SKIPPED_BY_REASON_KEY: skipped_in_one_pass(state.history),
+            **job.extra,
+        },
     )
     where = store.uri(f"{job.folder}/{FINAL_CHECKPOINT}")
     log.info("%s: published %s after %d epochs", job.step, where, state.epoch)

@@ -75,9 +75,9 @@ def test_digits_sizes_targets_and_pixels() -> None:
 def test_digits_upsampled_for_the_network() -> None:
     cfg = config_from_args(["config=quickstart"])
     dataset = build_dataset(cfg, "TRAIN", eval_transform(cfg.DATA.TRANSFORMS))
-    image, index, ok = dataset[5]
+    image, index, problem = dataset[5]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
-    assert (index, ok) == (5, True)
+    assert (index, problem) == (5, "")
 
 
 def test_synthetic_is_deterministic_and_balanced() -> None:
@@ -256,17 +256,18 @@ def test_corrupt_image_is_an_error_naming_the_file(tree_with_bad_images: Path) -
             dataset[index]
         print(err.value)
         assert names[index] in str(err.value)
-    assert dataset[1][2] is True
+    assert dataset[1][2] == ""
 
 
 def test_corrupt_image_skipped_when_configured(tree_with_bad_images: Path) -> None:
     dataset = folder_dataset(tree_with_bad_images, "skip")
     items = [dataset[i] for i in range(len(dataset))]
-    assert [(index, ok) for _, index, ok in items] == [(0, False), (1, True), (2, True), (3, False)]
+    problems = [(index, problem) for _, index, problem in items]
+    assert problems == [(0, "not_an_image"), (1, ""), (2, ""), (3, "truncated")]
     assert all(image.shape == (3, 8, 8) for image, _, _ in items)
     assert torch.count_nonzero(items[0][0]) == 0 and torch.count_nonzero(items[1][0]) > 0
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
-    assert batch[1].tolist() == [0, 1, 2, 3] and batch[2].tolist() == [False, True, True, False]
+    assert batch[1].tolist() == [0, 1, 2, 3] and list(batch[2]) == ["not_an_image", "", "", "truncated"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +373,9 @@ def test_disk_filelist_entries_may_be_absolute_or_climb_out_of_the_lists_folder(
 
 
 def test_a_listed_key_the_store_refuses_is_a_bad_image_naming_it(tmp_path: Path) -> None:
-    from clusterfit.data import FileSource
+    from clusterfit.image_files import FileSource
     from clusterfit.storage import open_store
 
     source = FileSource(open_store(tmp_path.as_uri()), ["cat//a.png"], None, [])  # S3 listings can hold such keys
-    with pytest.raises(BadImageError, match=r"cat/a\.png: cannot read image: .*segment"):
+    with pytest.raises(BadImageError, match=r"cat/a\.png: cannot read image \(bad_name\): .*segment"):
         source.load(0)  # DATA.ON_BAD_IMAGE decides what then

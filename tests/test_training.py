@@ -1,14 +1,25 @@
-"""The training recipe's pure pieces: LR schedule, weight-decay groups, epoch order, RotNet batches."""
+"""The training recipe's pure pieces: LR schedule, weight-decay groups, epoch order, RotNet batches, and the
+images DATA.ON_BAD_IMAGE=skip skipped kept out of the loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from clusterfit.checkpoint import TrainState
 from clusterfit.config import OptimizerConfig
 from clusterfit.models import Network
 from clusterfit.steps.pretrain import rotate_batch
-from clusterfit.training import epoch_batches, lr_at, param_groups, peak_lr
+from clusterfit.training import (
+    IGNORE,
+    EpochContext,
+    epoch_batches,
+    ignore_skipped,
+    lr_at,
+    param_groups,
+    peak_lr,
+    train_one_epoch,
+)
 
 VISSL = OptimizerConfig()  # the ImageNet recipe's defaults
 
@@ -76,3 +87,38 @@ def test_rotnet_batches_hold_four_rotations_with_their_labels() -> None:
     assert rotated.shape == (12, 3, 8, 8) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     for r in range(4):
         assert torch.equal(torch.rot90(rotated[3 * r : 3 * r + 3], -r, dims=(2, 3)), images)
+
+
+def test_a_skipped_image_is_out_of_the_loss_at_every_rotation() -> None:
+    images = torch.stack([torch.ones(3, 4, 4), torch.zeros(3, 4, 4), torch.full((3, 4, 4), 2.0)])
+    inputs, labels = rotate_batch(images, torch.zeros(3))
+    ignored = ignore_skipped(labels, ["", "zero_bytes", ""])  # the second is a skipped image's blank
+    blank = inputs.flatten(1).abs().sum(1) == 0  # the oracle: the rows that hold the blank
+    assert torch.equal(ignored == IGNORE, blank) and torch.equal(ignored[~blank], labels[~blank])
+
+
+def test_an_epoch_trains_on_the_read_images_only_and_counts_the_skipped_ones() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    good = torch.ones(1, 3, 2, 2)
+    expected = torch.nn.functional.cross_entropy(model(good), torch.tensor([2])).item()  # before any step
+    ctx = EpochContext(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        device=torch.device("cpu"),
+        amp=False,
+        lr_fn=lambda epoch: 0.1,
+        batches_per_epoch=2,
+        batch_fn=lambda images, targets: (images, targets),
+        on_step=lambda state: None,
+    )
+    blank = torch.zeros(2, 3, 2, 2)
+    loader = [
+        (blank, torch.tensor([1, 3]), ["zero_bytes", "missing"]),  # nothing to learn from: a step with zero loss
+        (torch.cat([good, blank[:1]]), torch.tensor([2, 0]), ["", "missing"]),
+    ]
+    state = TrainState()
+    stats = train_one_epoch(ctx, loader, state, 0)
+    assert state.step == 2 and stats["skipped_by_reason"] == {"missing": 2, "zero_bytes": 1}
+    assert stats["loss"] == pytest.approx(expected)  # the first step left the weights as they were

@@ -11,7 +11,9 @@ dataset is cut into chunks of EXTRACT.CHUNK_SIZE consecutive indices; chunk c be
 c % world_size, so every index is extracted exactly once, with no padding. Memory holds one chunk.
 A chunk is done when its marker `_chunks/chunk-<c>.json` exists and carries this config's
 fingerprint: a restarted extraction skips those, and one with other weights, transforms or data
-redoes them. Rank 0 publishes `_SUCCESS.json` after all chunks.
+redoes them. Rank 0 publishes `_SUCCESS.json` after all chunks. An image DATA.ON_BAD_IMAGE=skip
+skipped has no features: the manifest lists its index (`skipped_indices`, where cluster's labels
+get -1) and counts it per reason (`skipped_by_reason`), and a warning names the first few.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from clusterfit.artifacts.layout import (
     DATA_LIMIT_INDICES,
     DATA_LIMIT_INDICES_KEY,
     IMAGES_KEY,
+    SKIPPED_BY_REASON_KEY,
     chunk_marker,
     extract_partitions,
     features_folder,
@@ -55,6 +58,7 @@ from clusterfit.data import (
     images_identity,
     subset_indices,
 )
+from clusterfit.image_files import count_reasons
 from clusterfit.models import Network, amp_enabled, forward_features, memory_format
 from clusterfit.runtime import progress
 from clusterfit.storage import NotFound, Store, array_to_bytes, open_store
@@ -180,11 +184,11 @@ def extract_chunks(
     fmt = memory_format(cfg.MODEL.CHANNELS_LAST)
     amp = amp_enabled(cfg.MODEL.AMP_PARAMS.USE_AMP, dist.device)
     batches_seen = progress(loader, len(batches), f"extract {folder}", cfg.LOG.PROGRESS_INTERVAL_S, "batch")
-    for images, index, ok in batches_seen:
+    for images, index, problems in batches_seen:
         on_device = images.to(dist.device, non_blocking=True)
         feats = forward_features(model, on_device, layers, cfg.EXTRACT.POOL_SIZE, fmt, amp=amp)
         chunk = int(index[0]) // size
-        pending.setdefault(chunk, []).append((index.numpy(), ok.numpy(), feats))
+        pending.setdefault(chunk, []).append((index.numpy(), np.array(problems, dtype=str), feats))
         expected = min((chunk + 1) * size, total) - chunk * size
         if sum(len(b[0]) for b in pending[chunk]) == expected:
             done = pending.pop(chunk)
@@ -211,9 +215,11 @@ def write_chunk(
     batches: list[Any],
     storage_dtype: str = "float32",
 ) -> None:
-    """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done)."""
+    """Write one chunk's parts, then its marker (the marker is what makes the chunk count as done). `batches`:
+    (dataset indices, problems: "" for an image read, else why it was skipped, {layer: features}) each."""
     index = np.concatenate([b[0] for b in batches]).astype(np.int64)
-    ok = np.concatenate([b[1] for b in batches]).astype(bool)
+    problem = np.concatenate([b[1] for b in batches]).astype(str)
+    ok = problem == ""
     files: dict[str, dict[str, Any]] = {}
     for layer in layers:
         part = part_name(layer, rank, chunk)
@@ -240,6 +246,7 @@ def write_chunk(
         "files": files,
         "count": int(ok.sum()),
         "skipped": index[~ok].tolist(),
+        "skipped_reasons": problem[~ok].tolist(),
     }
     store.put_bytes(chunk_marker(folder, chunk), json.dumps(marker).encode())
 
@@ -259,6 +266,7 @@ def publish(
     num_chunks = math.ceil(total / cfg.EXTRACT.CHUNK_SIZE)
     ledger = artifacts.Ledger(store, folder)
     skipped: list[int] = []
+    reasons: list[str] = []
     dims: dict[str, int] = {}
     for chunk in range(num_chunks):
         marker = json.loads(store.get_bytes(chunk_marker(folder, chunk)))
@@ -268,16 +276,12 @@ def publish(
             )
         ledger.files.update(marker["files"])
         skipped += marker["skipped"]
+        reasons += marker.get("skipped_reasons", ["unreadable"] * len(marker["skipped"]))  # markers before reasons
         for name, entry in marker["files"].items():
             if parsed := parse_part(name):
                 dims[parsed[0]] = entry["shape"][1]
     if skipped:
-        log.warning(
-            "extract %s: %d unreadable images skipped (DATA.ON_BAD_IMAGE=skip): %s",
-            partition,
-            len(skipped),
-            skipped[:20],
-        )
+        warn_skipped(partition, source, skipped, reasons)
     # Which images these are (what cluster keeps beside its labels), and which ones DATA_LIMIT kept.
     data_extra: dict[str, Any] = {IMAGES_KEY: images_identity(source)}
     kept = subset_indices(source)
@@ -297,6 +301,7 @@ def publish(
             "num_images": total,
             "num_chunks": num_chunks,
             "skipped_indices": skipped,
+            SKIPPED_BY_REASON_KEY: count_reasons(reasons),
             "dims": dims,
             STORAGE_DTYPE_KEY: cfg.EXTRACT.STORAGE_DTYPE,
             "model": model_identity(cfg, start, layers),
@@ -305,4 +310,17 @@ def publish(
     )
     log.info(
         "extract %s: published %d images x %s in %d chunks at %s", partition, total, dims, num_chunks, store.uri(folder)
+    )
+
+
+def warn_skipped(partition: str, source: ImageSource, skipped: list[int], reasons: list[str]) -> None:
+    """One warning for the images DATA.ON_BAD_IMAGE=skip skipped: how many, per reason, and the first few."""
+    first = "; ".join(f"{source.name(i)} ({reason})" for i, reason in zip(skipped[:5], reasons, strict=False))
+    log.warning(
+        "extract %s: %d of %d images skipped (DATA.ON_BAD_IMAGE=skip), by reason %s; the first: %s",
+        partition,
+        len(skipped),
+        len(source),
+        count_reasons(reasons),
+        first,
     )

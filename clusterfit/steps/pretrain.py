@@ -54,7 +54,7 @@ class QuarterTurn:
         return image.transpose(_TRANSPOSE[self.k]) if self.k else image
 
 
-class OneRandomRotation(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+class OneRandomRotation(torch.utils.data.Dataset[tuple[torch.Tensor, int, str]]):
     """VISSL's ImgRotatePil: each access draws one rotation k, turns the image before the training
     transform (crop, flip, ...) and labels it k. `per_rotation[k]` is the dataset with turn k in front."""
 
@@ -64,10 +64,10 @@ class OneRandomRotation(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.per_rotation[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         k = int(torch.randint(NUM_ROTATIONS, ()))
-        image, _, _ = self.per_rotation[k][index]
-        return image, k
+        image, _, problem = self.per_rotation[k][index]
+        return image, k, problem
 
 
 def pretrain_transform(cfg: Config) -> Callable[[Image.Image], Any]:

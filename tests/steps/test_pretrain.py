@@ -33,7 +33,8 @@ def test_one_random_rotation_gives_each_image_one_labelled_turn(tmp_path: Path) 
     torch.manual_seed(0)
     labels = []
     for index in range(len(dataset)):
-        image, label = dataset[index]
+        image, label, problem = dataset[index]
+        assert problem == ""
         expected = torch.rot90(plain[index][0], label, dims=(1, 2))
         assert torch.allclose(image, expected, atol=1e-6), (index, label)
         labels.append(label)

@@ -47,7 +47,7 @@ def test_a_bfloat16_manifest_over_a_float_part_is_refused() -> None:
 
 def test_features_beyond_float16_fail_naming_the_part_and_the_key(tmp_path: Path) -> None:
     store = open_store((tmp_path / "root").as_uri())
-    batch = (np.arange(2), np.ones(2, bool), {"res5": np.array([[1.0, 7e4], [0.5, 2.0]], np.float32)})
+    batch = (np.arange(2), np.array(["", ""]), {"res5": np.array([[1.0, 7e4], [0.5, 2.0]], np.float32)})
     with pytest.raises(InputError, match=r"res5/part-00000-000000\.npy.*7e\+04.*EXTRACT\.STORAGE_DTYPE=bfloat16"):
         extract.write_chunk(store, "features/train", "fp", 0, 0, ["res5"], [batch], "float16")
     assert not list((tmp_path / "root").rglob("_chunks/*"))  # no marker: the chunk is not done
