@@ -1,6 +1,7 @@
 """The `clusterfit` command line.
 
     clusterfit run config=quickstart                      # every step, skipping finished ones
+    clusterfit run config=quickstart --wait               # after the run that holds the experiment now
     clusterfit extract config=quickstart config.EXTRACT.CHUNK_SIZE=256
     clusterfit config show config=quickstart config.CLUSTERFIT.NUM_CLUSTERS=10
     clusterfit launch extract config=quickstart config.DISTRIBUTED.NUM_PROC_PER_NODE=2
@@ -8,12 +9,14 @@
     clusterfit submit config=quickstart
 
 Arguments follow VISSL: `config=<name or path>` and any number of `config.A.B=value`.
-Errors in the user's input (config, data, weights, storage) print one clear message and exit 2.
+Errors in the user's input (config, data, weights, storage) print one clear message and exit 2;
+so does finding the experiment held by another run (clusterfit/lease.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -21,10 +24,13 @@ import os
 import sys
 
 from clusterfit import __version__
+from clusterfit.artifacts.layout import LEASE
 from clusterfit.config import STEPS, Config, ConfigError, config_from_args, to_yaml
 from clusterfit.errors import UserError
+from clusterfit.lease import Lease, hold_root
 from clusterfit.pipeline import run_pipeline, run_step
-from clusterfit.runtime import Interrupted, setup_logging
+from clusterfit.runtime import Interrupted, ranks_from_env, setup_logging
+from clusterfit.storage import open_store
 
 log = logging.getLogger("clusterfit")
 
@@ -55,17 +61,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="every step of PIPELINE.STEPS in order, skipping finished ones")
     run.add_argument("args", nargs="*")
+    add_lease_flags(run)
     for step in STEPS:
-        sub.add_parser(step, help=STEP_HELP[step]).add_argument("args", nargs="*")
+        step_parser = sub.add_parser(step, help=STEP_HELP[step])
+        step_parser.add_argument("args", nargs="*")
+        add_lease_flags(step_parser)
     launch = sub.add_parser("launch", help="start a step on NUM_PROC_PER_NODE local workers through torchrun")
     launch.add_argument("step", choices=[*STEPS, "run"])
     launch.add_argument("args", nargs="*")
+    add_lease_flags(launch)
     config = sub.add_parser("config", help="show the resolved config")
     config.add_argument("action", choices=["show", "schema"])
     config.add_argument("args", nargs="*")
     for name, (_, _, text) in KUBE_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; parsed by its own module
     return parser
+
+
+def add_lease_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"when another run holds the experiment (<ROOT>/{LEASE}), wait until it ends instead of refusing",
+    )
+    parser.add_argument(
+        "--no-lease",
+        action="store_true",
+        help="take no lease of the experiment root: for the step pods of `clusterfit submit`, whose controller holds "
+        "the experiment",
+    )
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The flags may stand anywhere among the config arguments, whose order is kept (a later override wins)."""
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown or not hasattr(ns, "args"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    ns.args = [*ns.args, *rest]
+    return ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # These parse their own flags (which may come before config=...): hand over the rest untouched.
         ns = argparse.Namespace(command=argv[0], args=argv[1:])
     else:
-        ns = build_parser().parse_args(argv)
+        ns = parse(build_parser(), argv)
     try:
         return dispatch(ns)
     except Interrupted as exc:
@@ -100,26 +134,38 @@ def dispatch(ns: argparse.Namespace) -> int:
         print(to_yaml(config_from_args(ns.args)), end="")
         return 0
     cfg = config_from_args(ns.args)
+    flags = ["--wait"] * ns.wait + ["--no-lease"] * ns.no_lease
     if ns.command == "launch":
-        return launch(ns.step, ns.args, cfg)
+        return launch(ns.step, [*flags, *ns.args], cfg)
     if cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1 and "RANK" not in os.environ:
-        return launch(ns.command, ns.args, cfg)
-    if ns.command == "run":
-        run_pipeline(cfg)
-        return 0
-    if cfg.EXPERIMENT.SEEDS:
+        return launch(ns.command, [*flags, *ns.args], cfg)
+    if ns.command != "run" and cfg.EXPERIMENT.SEEDS:
         raise ConfigError(
             f"EXPERIMENT.SEEDS={cfg.EXPERIMENT.SEEDS}: `clusterfit run` runs the steps once per seed; to run one step "
             f"of one seed, add config.EXPERIMENT.SEEDS=[] config.EXPERIMENT.SEED=<seed> "
             f"config.EXPERIMENT.ROOT={cfg.EXPERIMENT.root_uri}/seed-<seed>"
         )
-    result = run_step(ns.command, cfg)
+    with experiment_lease(cfg, ns) as lease:
+        if ns.command == "run":
+            run_pipeline(cfg, lease)
+            return 0
+        result = run_step(ns.command, cfg)
     log.info("%s: %s", ns.command, result)
     return 0
 
 
+def experiment_lease(cfg: Config, ns: argparse.Namespace) -> contextlib.AbstractContextManager[Lease | None]:
+    """The experiment root's lease for this command (clusterfit/lease.py). One per run: rank 0 holds it, the
+    other ranks never touch it (their writes stop with the run when rank 0 stops); none with --no-lease."""
+    if ns.no_lease or not ranks_from_env().is_main:
+        return contextlib.nullcontext()
+    store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
+    return hold_root(store, wait=ns.wait, ttl_s=cfg.PIPELINE.LEASE_TTL_S)
+
+
 def launch(step: str, args: list[str], cfg: Config) -> int:
-    """Hand the step to torch.distributed.run with NUM_PROC_PER_NODE local workers (torchrun owns the ranks)."""
+    """Hand the step to torch.distributed.run with NUM_PROC_PER_NODE local workers (torchrun owns the ranks;
+    rank 0 takes the experiment's lease)."""
     import subprocess
 
     nproc = cfg.DISTRIBUTED.NUM_PROC_PER_NODE

@@ -6,7 +6,8 @@ Each step skips itself when its `_SUCCESS.json` matches its config and inputs, a
 it died (extract by chunk, pretrain/train by checkpoint). A rerun of a finished run does no work
 and says so. On Kubernetes the controller runs the same steps, one PyTorchJob each.
 With EXPERIMENT.SEEDS, the steps run once per seed, each seed under `<ROOT>/seed-<seed>`, and a
-summary over the seeds follows (clusterfit/seeds.py).
+summary over the seeds follows (clusterfit/seeds.py). The command line holds the experiment's
+lease meanwhile (clusterfit/lease.py); a run that lost it stops before its next step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from clusterfit.config import Config
 from clusterfit.storage import open_store
 
 if TYPE_CHECKING:
+    from clusterfit.lease import Lease
     from clusterfit.steps.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
@@ -49,22 +51,25 @@ def run_step(step: str, cfg: Config) -> StepResult:
     return result
 
 
-def run_pipeline(cfg: Config) -> PipelineResult:
-    """PIPELINE.STEPS in order; with EXPERIMENT.SEEDS, all of them once per seed, then the summary over seeds."""
+def run_pipeline(cfg: Config, lease: Lease | None = None) -> PipelineResult:
+    """PIPELINE.STEPS in order; with EXPERIMENT.SEEDS, all of them once per seed, then the summary over seeds.
+    `lease`: the experiment's, checked before each step."""
     if "evaluate" in cfg.PIPELINE.STEPS:
         importlib.import_module("clusterfit.steps.evaluate").preflight(cfg)
     if not cfg.EXPERIMENT.SEEDS:
-        result = run_steps(cfg)
+        result = run_steps(cfg, lease)
         print_outcome(result, cfg.EXPERIMENT.root_uri)
         return result
     result = PipelineResult()
     for seed in cfg.EXPERIMENT.SEEDS:
         log.info("run: seed %d of EXPERIMENT.SEEDS %s", seed, cfg.EXPERIMENT.SEEDS)
-        one = run_steps(cfg.with_seed(seed))
+        one = run_steps(cfg.with_seed(seed), lease)
         result.ran += [f"{step} (seed {seed})" for step in one.ran]
         result.skipped += [f"{step} (seed {seed})" for step in one.skipped]
         result.wall_s |= {f"{step} (seed {seed})": t for step, t in one.wall_s.items()}
     if "evaluate" in cfg.PIPELINE.STEPS:
+        if lease is not None:
+            lease.check()
         started = time.perf_counter()
         summary = importlib.import_module("clusterfit.seeds").summarize(cfg)
         result.wall_s["summary"] = time.perf_counter() - started
@@ -74,13 +79,15 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     return result
 
 
-def run_steps(cfg: Config) -> PipelineResult:
-    """One experiment's steps, in order, in this process."""
+def run_steps(cfg: Config, lease: Lease | None = None) -> PipelineResult:
+    """One experiment's steps, in order, in this process; none after `lease` was lost."""
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     steps = cfg.PIPELINE.STEPS
     log.info("run: experiment %s, steps %s, artifacts at %s", cfg.EXPERIMENT.NAME, " -> ".join(steps), store.uri())
     result = PipelineResult()
     for step in steps:
+        if lease is not None:
+            lease.check()
         started = time.perf_counter()
         outcome = run_step(step, cfg)
         result.wall_s[step] = time.perf_counter() - started

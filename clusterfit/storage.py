@@ -5,23 +5,34 @@
     labels = store.get_array("clusters/k100/labels.npy")
 
 Writes are atomic per object: a local file is written beside its target and renamed into place; an
-S3 object appears whole when its (multipart) upload completes. Credentials come only from the AWS
+S3 object appears whole when its (multipart) upload completes (the S3 backend, its retries and its
+errors are in clusterfit/s3.py). Credentials come only from the AWS
 credential chain (environment, shared files, instance/pod identity), never from the config. The
 boto3 client is created lazily in each process, so DataLoader workers that fork get their own.
 This module imports no deep-learning library.
+
+Conditional writes (`put_if_absent`, `put_if_match`, `delete_if_match`, with the version token
+`get_with_token` returns) are what an experiment's lease is made of (clusterfit/lease.py); the
+holder of a lease fences this process's writes below its root (`fence_writes`), so a run that
+lost its lease writes nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -29,9 +40,16 @@ import numpy as np
 from clusterfit.config import StorageConfig
 from clusterfit.errors import UserError
 
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
 
 class StorageError(UserError, RuntimeError):
     """Object storage failed; the message names the URI and what to check."""
+
+
+class TransientStorageError(StorageError):
+    """A failure that trying again may cure: the connection (reset, stall, timeout), a 5xx, throttling."""
 
 
 class NotFound(StorageError):
@@ -88,8 +106,15 @@ class Backend(Protocol):
     def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def sizes(self, prefix: str) -> dict[str, int]: ...
     def delete(self, key: str) -> None: ...
     def uri(self, key: str) -> str: ...
+    # Conditional writes: a token names one version of an object (S3's ETag, a local file's sha256); a write or
+    # delete given a token happens only while that version is the current one, atomically, or not at all.
+    def get_with_token(self, key: str) -> tuple[bytes, str]: ...
+    def put_if_absent(self, key: str, data: bytes) -> str | None: ...  # the new token; None: the key exists
+    def put_if_match(self, key: str, data: bytes, token: str) -> str | None: ...  # None: not that version
+    def delete_if_match(self, key: str, token: str) -> bool: ...  # False: not that version (or gone)
 
 
 def new_file_mode() -> int:
@@ -105,6 +130,28 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def _local_errors(uri: str, size: int) -> Iterator[None]:
+    """Turn a failed local write (a full disk or quota, a read-only or vanished mount, no permission) into a
+    StorageError naming the file and the cause, instead of a traceback from deep inside the step."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        reason = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StorageError(
+            f"{uri}: cannot write {size:,} bytes: {reason} ({exc.filename or uri}); nothing was published, "
+            "free the space or fix the mount and rerun: finished work is kept"
+        ) from None
+
+
 class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -117,18 +164,19 @@ class LocalBackend:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), new_file_mode())  # mkstemp's 0600 would hide it from the team
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _local_errors(self.uri(key), len(data)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fchmod(handle.fileno(), new_file_mode())  # mkstemp's 0600 would hide it from the team
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+                raise
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -138,10 +186,15 @@ class LocalBackend:
 
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        with _local_errors(self.uri(key), path.stat().st_size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     def get_file(self, key: str, path: Path) -> None:
         if not self._path(key).is_file():
@@ -164,162 +217,65 @@ class LocalBackend:
                     keys.append(key)
         return sorted(keys)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {key: self._path(key).stat().st_size for key in self.list(prefix)}
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    # Conditional writes compare and write under an exclusive lock on a hidden `.<name>.lock` beside the
+    # object. lockf() takes a POSIX record lock: on NFS the client forwards it to the server's lock manager
+    # (NLM, or NFSv4's own locking), so it excludes other hosts too, and the kernel drops it when its holder
+    # dies, kill -9 included, so a dead run never leaves a lock behind (an O_EXCL lock file would). POSIX
+    # locks belong to the process, not the thread, hence a thread lock in front. Readers take no lock:
+    # put_bytes replaces the file atomically, so they see one whole version or the other.
+    @contextlib.contextmanager
+    def _exclusive(self, key: str) -> Iterator[Path]:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.with_name(f".{target.name}.lock")
+        with _thread_locks.setdefault(str(lock), threading.Lock()):  # setdefault is atomic
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                yield target
+            finally:
+                os.close(fd)  # releases the lock
 
-class S3Backend:
-    def __init__(self, bucket: str, prefix: str, settings: StorageConfig) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.settings = settings.S3
-        self._client: Any = None
-        self._client_pid = -1
-        self._lock = threading.Lock()
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    @property
-    def client(self) -> Any:
-        # One client per process: boto3 clients must not cross a fork (DataLoader workers).
-        with self._lock:
-            if self._client is None or self._client_pid != os.getpid():
-                self._client = make_s3_client(self.settings)
-                self._client_pid = os.getpid()
-            return self._client
-
-    def _transfer_config(self) -> Any:
-        from boto3.s3.transfer import TransferConfig
-
-        mb = 1024 * 1024
-        return TransferConfig(
-            multipart_threshold=self.settings.MULTIPART_THRESHOLD_MB * mb,
-            multipart_chunksize=self.settings.MULTIPART_CHUNKSIZE_MB * mb,
-            max_concurrency=self.settings.MAX_CONCURRENCY,
-        )
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        if len(data) >= self.settings.MULTIPART_THRESHOLD_MB * 1024 * 1024:
-            with _s3_errors(self.uri(key)):
-                self.client.upload_fileobj(
-                    io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer_config()
-                )
-            return
-        with _s3_errors(self.uri(key)):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-
-    def get_bytes(self, key: str) -> bytes:
-        buffer = io.BytesIO()
-        with _s3_errors(self.uri(key)):
-            self.client.download_fileobj(self.bucket, self._key(key), buffer, Config=self._transfer_config())
-        return buffer.getvalue()
-
-    def put_file(self, key: str, path: Path) -> None:
-        with _s3_errors(self.uri(key)):
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer_config())
-
-    def get_file(self, key: str, path: Path) -> None:
-        with _s3_errors(self.uri(key)):
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=self._transfer_config())
-
-    def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
+    @staticmethod
+    def _token(path: Path) -> str | None:
         try:
-            with _s3_errors(self.uri(key), passthrough=(ClientError,)):
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return sha256_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, sha256_bytes(data)
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        with self._exclusive(key) as target:
+            if target.exists():
+                return None
+            self.put_bytes(key, data)
+        return sha256_bytes(data)
+
+    def put_if_match(self, key: str, data: bytes, token: str) -> str | None:
+        with self._exclusive(key) as target:
+            if self._token(target) != token:
+                return None
+            self.put_bytes(key, data)
+        return sha256_bytes(data)
+
+    def delete_if_match(self, key: str, token: str) -> bool:
+        with self._exclusive(key) as target:
+            if self._token(target) != token:
                 return False
-            raise _translate(exc, self.uri(key)) or StorageError(f"{self.uri(key)}: {exc}") from None
-
-    def list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        with _s3_errors(self.uri(prefix)):
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
-        return sorted(keys)
-
-    def delete(self, key: str) -> None:
-        with _s3_errors(self.uri(key)):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            target.unlink()
+        return True
 
 
-def make_s3_client(settings: Any) -> Any:
-    """A boto3 S3 client from the S3 settings; credentials from the AWS chain only."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    options: dict[str, Any] = {
-        # total_max_attempts counts the first try; botocore's max_attempts would count retries only.
-        "retries": {"mode": "standard", "total_max_attempts": settings.MAX_ATTEMPTS},
-        "connect_timeout": settings.CONNECT_TIMEOUT_S,
-        "read_timeout": settings.READ_TIMEOUT_S,
-        "s3": {"addressing_style": settings.ADDRESSING_STYLE},
-        "request_checksum_calculation": settings.CHECKSUMS,
-        "response_checksum_validation": settings.CHECKSUMS,
-    }
-    endpoint = (
-        settings.ENDPOINT_URL or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    )
-    region = settings.REGION or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, region_name=region, config=BotoConfig(**options))
-
-
-class _s3_errors:
-    """Turn botocore's exceptions into StorageError naming the URI and the likely cause."""
-
-    def __init__(self, uri: str, passthrough: tuple[type[BaseException], ...] = ()) -> None:
-        self.uri = uri
-        self.passthrough = passthrough
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or isinstance(exc, (StorageError, *self.passthrough)):
-            return
-        translated = _translate(exc, self.uri)
-        if translated is not None:
-            raise translated from None
-
-
-def _translate(exc: BaseException, uri: str) -> StorageError | None:
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        ReadTimeoutError,
-    )
-
-    if isinstance(exc, NoCredentialsError):
-        return StorageError(
-            f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
-        )
-    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
-        return StorageError(f"{uri}: S3 endpoint unreachable: {exc}")
-    if isinstance(exc, S3UploadFailedError):
-        return StorageError(f"{uri}: upload failed: {exc}")
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            return NotFound(f"{uri}: no such object")
-        if code in ("NoSuchBucket",):
-            return StorageError(f"{uri}: bucket does not exist")
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return StorageError(f"{uri}: access denied ({code}): check the S3 credentials and their permissions")
-        return StorageError(f"{uri}: S3 error {code}: {exc}")
-    return None
+_thread_locks: dict[str, threading.Lock] = {}  # lock file -> the lock of this process's threads
 
 
 MAX_KEY_BYTES = 1024  # S3's limit on a key; a file system's on one name is 255
@@ -360,14 +316,22 @@ class Store:
     def uri(self, key: str = "") -> str:  # a name only, unchecked: error messages name refused keys with it
         return self.backend.uri(key)
 
+    def writable(self, key: str, *, confirm: bool = False) -> str:
+        """The checked key, when this process may write it: a lease holder's fence on a root above it
+        (`fence_writes`) raises once the lease is lost; `confirm` asks the lease object itself (before
+        publishing)."""
+        key = self._checked(key)
+        check_fences(self.backend.uri(key), confirm=confirm)
+        return key
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.backend.put_bytes(self._checked(key), data)
+        self.backend.put_bytes(self.writable(key), data)
 
     def get_bytes(self, key: str) -> bytes:
         return self.backend.get_bytes(self._checked(key))
 
     def put_file(self, key: str, path: Path) -> None:
-        self.backend.put_file(self._checked(key), path)
+        self.backend.put_file(self.writable(key), path)
 
     def get_file(self, key: str, path: Path) -> None:
         self.backend.get_file(self._checked(key), path)
@@ -378,8 +342,25 @@ class Store:
     def list(self, prefix: str = "") -> list[str]:
         return self.backend.list(self._checked(prefix) if prefix else prefix)
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Key -> size in bytes of every object below prefix (one listing; a string prefix, as `list`)."""
+        return self.backend.sizes(self._checked(prefix) if prefix else prefix)
+
     def delete(self, key: str) -> None:
-        self.backend.delete(self._checked(key))
+        self.backend.delete(self.writable(key))
+
+    # The lease's own conditional writes (clusterfit/lease.py): not fenced, they are what the fence is made of.
+    def get_with_token(self, key: str) -> tuple[bytes, str]:
+        return self.backend.get_with_token(self._checked(key))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        return self.backend.put_if_absent(self._checked(key), data)
+
+    def put_if_match(self, key: str, data: bytes, token: str) -> str | None:
+        return self.backend.put_if_match(self._checked(key), data, token)
+
+    def delete_if_match(self, key: str, token: str) -> bool:
+        return self.backend.delete_if_match(self._checked(key), token)
 
     def put_array(self, key: str, array: np.ndarray) -> bytes:
         data = array_to_bytes(array)
@@ -392,6 +373,39 @@ class Store:
     def sub(self, prefix: str) -> Store:
         """A store rooted at `prefix` below this one."""
         return open_store(join_uri(self.root, self._checked(prefix)), self.settings)
+
+
+class Fence(Protocol):
+    """What the holder of an experiment root's lease registers (clusterfit/lease.py)."""
+
+    def check(self) -> None: ...  # raises when this process may no longer write below the root (no I/O)
+    def confirm(self) -> None: ...  # the same, asking the lease object itself (one read)
+
+
+_fences: dict[str, tuple[int, Fence]] = {}  # root URI -> (pid of the holder, its fence)
+
+
+def fence_writes(root_uri: str, fence: Fence) -> Callable[[], None]:
+    """From now on every write of this process below `root_uri` asks `fence` first; returns the undo.
+    A forked child (a DataLoader worker) is not the holder and is not fenced."""
+    root = root_uri.rstrip("/")
+    _fences[root] = (os.getpid(), fence)
+
+    def undo() -> None:
+        _fences.pop(root, None)
+
+    return undo
+
+
+def check_fences(uri: str, *, confirm: bool = False) -> None:
+    """Ask the fence of every root above `uri` that this process holds (raises when one was lost)."""
+    for root, (pid, fence) in list(_fences.items()):
+        if pid != os.getpid() or not (uri == root or uri.startswith(root + "/")):
+            continue
+        if confirm:
+            fence.confirm()
+        else:
+            fence.check()
 
 
 def join_uri(base: str, key: str) -> str:
@@ -411,6 +425,8 @@ def open_store(uri: str, settings: StorageConfig | None = None) -> Store:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket name")
+        from clusterfit.s3 import S3Backend  # boto3's import costs ~0.3 s: only for s3:// roots
+
         return Store(S3Backend(parsed.netloc, parsed.path, settings), uri.rstrip("/"), settings)
     elif parsed.scheme in ("file", ""):
         path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser()

@@ -1,6 +1,6 @@
 """The package's shape, read from its source: which module may import which, and the artifact names.
 
-Rules (DESIGN.md, "Import boundaries"): config, storage, runtime, errors and artifacts import no
+Rules (DESIGN.md, "Import boundaries"): config, storage, lease, runtime, errors and artifacts import no
 deep-learning library; kube imports neither torch nor faiss nor any step; steps import neither
 the command line nor each other; config imports only config and errors. Every artifact folder and
 file name is spelled in `artifacts/layout.py` only.
@@ -56,7 +56,7 @@ def test_the_tree_has_the_layers_the_rules_speak_of() -> None:
     assert {"clusterfit.kube.manifests", "clusterfit.kube.controller", "clusterfit.kube.commands"} <= found
 
 
-BASE = ["config", "artifacts", "kube", "storage", "runtime", "errors", "pipeline"]
+BASE = ["config", "artifacts", "kube", "storage", "s3", "runtime", "errors", "pipeline", "lease"]
 
 
 @pytest.mark.parametrize("prefix", [f"clusterfit.{name}" for name in BASE])

@@ -132,7 +132,7 @@ def test_local_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pyte
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="labels.npy: cannot write 3,000 bytes: no space left on the device"):
         store.put_bytes("labels.npy", b"new" * 1000)
     assert store.get_bytes("labels.npy") == b"old"
     assert entries(tmp_path / "root") == ["labels.npy"]

@@ -9,6 +9,8 @@
     eval/               metrics.json report.md report.html *.png
     seed-<seed>/ summary/   with EXPERIMENT.SEEDS: one experiment per seed, and metrics.json + report over them
     logs/<step>/<pod>.log                                                the controller's saved pod logs
+    _lease.json         who runs the experiment now, until when (clusterfit/lease.py); gone when no one does
+                        (a local root keeps the hidden lock file `._lease.json.lock` beside it)
 
 Each step folder is published by its `_SUCCESS.json`, written last. Pure names: no I/O here.
 """
@@ -20,6 +22,7 @@ import re
 from clusterfit.config import Config
 
 MANIFEST = "_SUCCESS.json"
+LEASE = "_lease.json"  # at the experiment root, while a run holds it
 
 # Step folders.
 PRETRAIN = "pretrain"
@@ -54,6 +57,9 @@ DATA_LIMIT_INDICES_KEY = "data_limit_indices"
 # cluster's, per label file name, for the labels it wrote (what training checks LABEL_PATHS against).
 IMAGES_KEY = "images"
 LABELS_IMAGES_KEY = "labels_images"
+# Manifest key of extract, pretrain and train with DATA.ON_BAD_IMAGE=skip: the images skipped, counted per reason
+# (clusterfit.image_files.REASONS), e.g. {"not_an_image": 2, "zero_bytes": 1}.
+SKIPPED_BY_REASON_KEY = "skipped_by_reason"
 
 # VISSL's tools/cluster_features_and_label.py writes <prefix>_labels.npy (in extraction-shard order)
 # beside <prefix>_images.npy (each label's image path).

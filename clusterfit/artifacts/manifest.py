@@ -102,7 +102,9 @@ def publish(
     started_s: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `<folder>/_SUCCESS.json`, last: from here on readers accept the folder."""
+    """Write `<folder>/_SUCCESS.json`, last: from here on readers accept the folder. Refused when a file
+    the ledger wrote is missing or has another size now (a lost or cut-off upload, a deleted part)."""
+    check_written(ledger)
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -114,8 +116,23 @@ def publish(
         "timings": {"started_unix_s": started_s, "finished_unix_s": time.time(), "wall_s": time.time() - started_s},
         **(extra or {}),
     }
+    # A run that lost the experiment's lease (clusterfit/lease.py) must not publish: ask the lease itself first.
+    ledger.store.writable(ledger.key(MANIFEST), confirm=True)
     ledger.store.put_bytes(ledger.key(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return manifest
+
+
+def check_written(ledger: Ledger) -> None:
+    """Every file of the ledger is in storage with the size it was written with (one listing)."""
+    found = ledger.store.sizes(f"{ledger.folder}/")
+    for name, entry in sorted(ledger.files.items()):
+        size = found.get(ledger.key(name))
+        if size != entry["size"]:
+            state = "is missing" if size is None else f"has {size:,} bytes, not the {entry['size']:,} written"
+            raise ArtifactError(
+                f"{ledger.store.uri(ledger.key(name))} {state}: {MANIFEST} not written, so the folder stays "
+                "unpublished; rerun the step"
+            )
 
 
 def read_manifest(store: Store, folder: str) -> dict[str, Any]:

@@ -121,6 +121,12 @@ class ControllerConfig(_Section):
         True,
         description="After a step's job Succeeded, require its _SUCCESS.json in storage before starting the next step.",
     )
+    LEASE_DURATION_S: int = Field(
+        60,
+        ge=1,
+        description="leaseDurationSeconds of the Lease <EXPERIMENT.NAME>-controller that keeps a second controller "
+        "of the experiment out; renewed every third of this, taken over once a dead controller's has run out.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ControllerConfig:

@@ -78,6 +78,12 @@ class S3Config(Section):
     MAX_ATTEMPTS: int = Field(5, ge=1, description="Attempts per request (boto3 'standard' retry mode).")
     CONNECT_TIMEOUT_S: float = Field(5.0, gt=0, description="Seconds to wait for a TCP connection.")
     READ_TIMEOUT_S: float = Field(60.0, gt=0, description="Seconds to wait for a response.")
+    RETRY_BUDGET_S: float = Field(
+        120.0,
+        ge=0,
+        description="After MAX_ATTEMPTS fail on the connection, a 5xx or throttling, keep retrying with growing "
+        "pauses (0.5 s up to 10 s) for this long before the step fails; 0: fail at once.",
+    )
 
 
 class StorageConfig(Section):
@@ -190,6 +196,12 @@ class DataConfig(Section):
     ON_BAD_IMAGE: Literal["error", "skip"] = Field(
         "error",
         description="A corrupt or unreadable image: fail naming the file, or skip it and count it in the step summary.",
+    )
+    LINK_ROOTS: list[str] = Field(
+        default_factory=list,
+        description="Local folders (absolute paths or file:// URIs) that symlinks in a local dataset may lead into, "
+        "besides the dataset root: a subset built as links into a big dataset elsewhere. A link to anywhere else is "
+        "a bad image (outside_root). Each must be an existing folder; one list for every split.",
     )
 
 
@@ -596,6 +608,12 @@ class EvaluateConfig(Section):
 class PipelineConfig(Section):
     STEPS: list[Literal["pretrain", "extract", "cluster", "train", "evaluate"]] = Field(
         ["extract", "cluster", "train", "evaluate"], description="Steps `clusterfit run` executes, in pipeline order."
+    )
+    LEASE_TTL_S: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds the experiment root's lease (<ROOT>/_lease.json, one run at a time) lasts unless its "
+        "holder renews it (every third of this): how long a killed run keeps others out.",
     )
 
 

@@ -6,9 +6,10 @@
 
 Every call needs only the controller's Role (k8s/controller-rbac.yaml): pytorchjobs get, list,
 watch, create, delete, patch; pods get, list, watch; pods/log get; events get, list, watch;
-configmaps get. 429 and 5xx answers and dropped connections are retried with a doubling wait,
-bounded by ControllerConfig; every other refusal becomes a KubeError whose message is the API
-server's own, and a 403 names the verb and the resource that the Role would have to grant.
+configmaps get; leases (coordination.k8s.io) get, create, update, delete. 429 and 5xx answers
+and dropped connections are retried with a doubling wait, bounded by ControllerConfig; every
+other refusal becomes a KubeError whose message is the API server's own, and a 403 names the
+verb and the resource that the Role would have to grant.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class Kube:
         self.settings = settings
         self.jobs = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
 
     def call(self, verb: str, resource: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` with the request timeout, retrying 429/5xx and dropped connections."""
@@ -239,6 +241,42 @@ class Kube:
             ) from None
         finally:
             watcher.stop()
+
+    # ---- the experiment's Lease (clusterfit/kube/lease.py) ----------------------------------------
+
+    def get_lease(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(self.call("get", "leases", self.coordination.read_namespaced_lease, name, self.namespace))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_lease(self, lease: dict[str, Any]) -> dict[str, Any]:
+        """Raises Conflict when a Lease of that name exists."""
+        return self.plain(
+            self.call("create", "leases", self.coordination.create_namespaced_lease, self.namespace, lease)
+        )
+
+    def replace_lease(self, lease: dict[str, Any]) -> dict[str, Any]:
+        """An update guarded by the metadata.resourceVersion in `lease`: Conflict when the Lease changed since."""
+        name = lease["metadata"]["name"]
+        return self.plain(
+            self.call("update", "leases", self.coordination.replace_namespaced_lease, name, self.namespace, lease)
+        )
+
+    def delete_lease(self, name: str, resource_version: str) -> bool:
+        """Delete the Lease if it is still at `resource_version`; False when it changed or is gone."""
+        precondition = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=resource_version))
+        try:
+            self.call(
+                "delete", "leases", self.coordination.delete_namespaced_lease, name, self.namespace, body=precondition
+            )
+        except KubeError as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
     # ---- ConfigMaps, pods, events, logs -------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """`clusterfit submit | status | logs | cancel`: the controller and its companions on the command line.
 
     clusterfit submit config=quickstart                      # create and follow the step jobs in order
+    clusterfit submit config=quickstart --wait               # after the controller that runs it now
     clusterfit submit config=quickstart --dry-run            # print the manifests, touch nothing
     clusterfit submit config=quickstart --server-dry-run     # the API server validates them, creates nothing
     clusterfit submit --in-cluster config=/etc/clusterfit/config.yaml --owner-configmap exp-config  # the chart's Job
@@ -9,7 +10,8 @@
     clusterfit cancel config=quickstart [STEP] [--suspend]
 
 Connection flags everywhere: --kubeconfig, --context, --namespace (else KUBERNETES.NAMESPACE), --in-cluster.
-Exit codes: 0 done, 1 a step failed or the API server refused, 2 bad config, 130 interrupted.
+Exit codes: 0 done, 1 a step failed, the API server refused or another controller runs the experiment
+(its Lease, clusterfit/kube/lease.py), 2 bad config, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from clusterfit.artifacts.layout import pod_log, step_folders
 from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Kube, KubeError, load_api_client
 from clusterfit.kube.controller import Controller, ControllerError, joined_logs, step_done
+from clusterfit.kube.lease import hold_experiment
 from clusterfit.kube.manifests import CONTAINER, ManifestError, build_all, build_config_map, job_name
 from clusterfit.kube.status import condition_text, master_pod, restarts, verdict
+from clusterfit.lease import LeaseError
 from clusterfit.storage import StorageError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -67,12 +71,12 @@ def experiment_store(cfg: Config) -> Store:
 
 
 def guarded(command: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
-    """Refusals from the API server, the manifests or a failed step: one message, exit 1."""
+    """Refusals from the API server, the manifests, a failed step or the experiment's Lease: one message, exit 1."""
 
     def run(argv: list[str]) -> int:
         try:
             return command(argv)
-        except (KubeError, ControllerError, ManifestError) as exc:
+        except (KubeError, ControllerError, ManifestError, LeaseError) as exc:
             print(f"clusterfit: error: {exc}", file=sys.stderr)
             return 1
 
@@ -196,6 +200,11 @@ def cli_submit(argv: list[str]) -> int:
         "--server-dry-run", action="store_true", help="have the API server validate the jobs; create nothing"
     )
     p.add_argument("--owner-configmap", metavar="NAME", help="existing ConfigMap with the config; jobs are owned by it")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another controller runs the experiment (its Lease), wait until it ends instead of refusing",
+    )
     ns, cfg, _ = parse(p, argv)
     config_map_name = ns.owner_configmap or default_config_map_name(cfg)
     if ns.dry_run:
@@ -205,9 +214,11 @@ def cli_submit(argv: list[str]) -> int:
     if ns.server_dry_run:
         jobs = [o for o in build_all(cfg, config_map_name=config_map_name) if o.get("kind") == "PyTorchJob"]
         return server_dry_run(kube, jobs)
-    config_map_name, owner = ensure_config_map(kube, cfg, ns.owner_configmap)
-    controller = Controller(cfg, kube, experiment_store(cfg), config_map_name=config_map_name, owner=owner)
-    return follow_pipeline(controller, kube)
+    with hold_experiment(kube, cfg, wait=ns.wait) as lease:
+        config_map_name, owner = ensure_config_map(kube, cfg, ns.owner_configmap)
+        store = experiment_store(cfg)
+        controller = Controller(cfg, kube, store, config_map_name=config_map_name, owner=owner, lease=lease)
+        return follow_pipeline(controller, kube)
 
 
 # ---- status, logs, cancel ----------------------------------------------------------------------

@@ -7,7 +7,9 @@ Decisions are pure functions of the objects the API server returns (`kube.status
 `pod_problems`, `start_problems`; here `plan`), so recorded status sequences test them;
 `Controller` makes the calls. A job is finished only when its `Failed` or `Succeeded` condition is
 True (Failed checked first); a job that disappears after it was seen is lost, never a success. A
-pod that cannot start fails the step after POD_START_TIMEOUT_S. Imports neither torch nor faiss.
+pod that cannot start fails the step after POD_START_TIMEOUT_S. The experiment's Lease
+(clusterfit/kube/lease.py) keeps a second controller out; one that lost it starts nothing more.
+Imports neither torch nor faiss.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clusterfit.artifacts.layout import MANIFEST, pod_log, step_folders
 from clusterfit.config import Config
@@ -35,6 +37,9 @@ from clusterfit.kube.status import (
     verdict,
 )
 from clusterfit.storage import StorageError, Store
+
+if TYPE_CHECKING:
+    from clusterfit.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +102,25 @@ def tail(text: str, lines: int) -> list[str]:
 
 
 class Controller:
-    """Runs cfg.PIPELINE.STEPS as jobs in `kube`'s namespace; `current` names the job being followed."""
+    """Runs cfg.PIPELINE.STEPS as jobs in `kube`'s namespace; `current` names the job being followed;
+    `lease`, the experiment's, is checked before every step and while following one."""
 
     def __init__(
-        self, cfg: Config, kube: Kube, store: Store, *, config_map_name: str, owner: dict[str, Any] | None
+        self,
+        cfg: Config,
+        kube: Kube,
+        store: Store,
+        *,
+        config_map_name: str,
+        owner: dict[str, Any] | None,
+        lease: Lease | None = None,
     ) -> None:
         self.cfg = cfg
         self.kube = kube
         self.store = store
         self.config_map_name = config_map_name
         self.owner = owner
+        self.lease = lease
         self.settings = cfg.KUBERNETES.CONTROLLER
         self.current: str | None = None
 
@@ -116,6 +130,7 @@ class Controller:
             if step_done(self.store, step_folders(self.cfg, step)):
                 log.info("step %s: already done (its %s exists): skipped", step, MANIFEST)
                 continue
+            self.check_lease()
             job = self.start(step)
             self.current = job["metadata"]["name"]
             seen = StepPods()
@@ -127,6 +142,11 @@ class Controller:
             self.current = None
             log.info("step %s: Succeeded", step)
         log.info("experiment %s: all steps done; artifacts under %s", self.cfg.EXPERIMENT.NAME, self.store.uri(""))
+
+    def check_lease(self) -> None:
+        """Raises LeaseLost once another controller has taken the experiment over (it adopts the running job)."""
+        if self.lease is not None:
+            self.lease.check()
 
     def start(self, step: str) -> dict[str, Any]:
         """Create the step's job, or adopt the identical one that already exists."""
@@ -157,6 +177,7 @@ class Controller:
         backoff = Backoff(self.settings)
         state = self.announce(job, "")
         while state not in FINISHED:
+            self.check_lease()
             if time.monotonic() > deadline:
                 raise ControllerError(
                     f"PyTorchJob {name} did not finish within {self.settings.STEP_TIMEOUT_S:.0f}s "

@@ -95,8 +95,10 @@ def procs_per_pod(cfg: Config, step: str) -> int:
 
 def step_command(cfg: Config, step: str) -> list[str]:
     """The container command. With several processes per pod, torchrun starts them: the operator
-    sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads as its defaults."""
-    step_args = [step, f"config={CONFIG_PATH}"]
+    sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads as its defaults.
+    --no-lease: the controller holds the experiment (its Lease), and a pod the kubelet or the operator
+    restarts must just continue, not wait for its dead predecessor's lease of the artifact root to expire."""
+    step_args = [step, f"config={CONFIG_PATH}", "--no-lease"]
     nproc = procs_per_pod(cfg, step)
     if nproc == 1:
         return ["clusterfit", *step_args]

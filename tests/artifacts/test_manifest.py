@@ -47,3 +47,23 @@ def test_folder_without_success_manifest_is_refused(store: Store) -> None:
     print(err.value)
     assert store.uri("features/TRAIN/res5") in str(err.value) and "_SUCCESS.json" in str(err.value)
     assert not artifacts.is_published(store, "features/TRAIN/res5", "any")
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_no_manifest_for_a_folder_with_a_missing_or_partial_object(store: Store, damage: str) -> None:
+    ledger = artifacts.Ledger(store, "features/train/res5")
+    ledger.put_array("part-00000-000000.npy", np.ones((4, 8), dtype=np.float32))
+    ledger.put_json("stats.json", {"n": 4})
+    data = store.get_bytes("features/train/res5/part-00000-000000.npy")
+    if damage == "missing":  # a lost upload, or a part deleted by someone else meanwhile
+        store.delete("features/train/res5/part-00000-000000.npy")
+    else:  # what a store without atomic writes can hold after a cut-off upload
+        store.put_bytes("features/train/res5/part-00000-000000.npy", data[: len(data) // 2])
+    with pytest.raises(artifacts.ArtifactError) as err:
+        artifacts.publish(ledger, step="extract", config={}, inputs={}, fingerprint_="fp", started_s=time.time())
+    print(err.value)
+    assert store.uri("features/train/res5/part-00000-000000.npy") in str(err.value)
+    assert ("is missing" if damage == "missing" else f"has {len(data) // 2:,} bytes") in str(err.value)
+    assert not store.exists("features/train/res5/_SUCCESS.json")
+    with pytest.raises(artifacts.ArtifactError, match="no _SUCCESS.json"):
+        artifacts.read_manifest(store, "features/train/res5")

@@ -43,6 +43,7 @@ EXPECTED_RULES = {
     ("", "pods/log"): {"get"},
     ("", "events"): {"get", "list", "watch"},
     ("", "configmaps"): {"get"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
 }
 
 

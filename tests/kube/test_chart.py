@@ -94,6 +94,7 @@ def test_template_renders_a_valid_release_and_valid_step_jobs(helm_bin: Path, va
         "config=/etc/clusterfit/config.yaml",
         "--owner-configmap",
         "digits-config",
+        "--wait",
     ]
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 604800
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]

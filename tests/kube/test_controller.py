@@ -287,7 +287,8 @@ def test_killed_controller_restarts_adopts_the_running_job_and_finishes(ex: Expe
         first.send_signal(signal.SIGKILL)  # mid-pipeline, while it follows the Running cluster job
         first.wait(timeout=10)
         second = start_submit(command, ex)
-        err = read_until(second, "adopted the existing PyTorchJob fit-cluster")  # before the step ends
+        err = read_until(second, "whose process is no longer running on this machine")  # its Lease: at once
+        err += read_until(second, "adopted the existing PyTorchJob fit-cluster")  # before the step ends
         hold.set()
         err += second.communicate(timeout=60)[1]
 

@@ -83,6 +83,7 @@ def test_helm_install_creates_the_release_its_controller_runs_with_it_and_uninst
         "config=/etc/clusterfit/config.yaml",
         "--owner-configmap",
         "digits-config",
+        "--wait",
     ]
 
     # That command, with the chart's ServiceAccount token instead of --in-cluster (no kubelet mounts one here).
@@ -102,6 +103,7 @@ def test_helm_install_creates_the_release_its_controller_runs_with_it_and_uninst
             str(as_chart),
             "--owner-configmap",
             "digits-config",
+            "--wait",
         ]
         assert commands.cli_submit(argv) == 0
     assert operator.names() == ["digits-extract", "digits-cluster"]

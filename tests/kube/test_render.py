@@ -112,6 +112,7 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
         "clusterfit",
         "train",
         "config=/etc/clusterfit/config.yaml",
+        "--no-lease",  # the controller holds the experiment's Lease
     ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
@@ -147,14 +148,19 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
         cluster["spec"]["nprocPerNode"] == "1"
         and container(cluster)["image"] == "clusterfit/clusterfit-cluster:0.1.0-cpu"
     )
-    assert container(cluster)["command"] == ["clusterfit", "cluster", "config=/etc/clusterfit/config.yaml"]
+    assert container(cluster)["command"] == [
+        "clusterfit",
+        "cluster",
+        "config=/etc/clusterfit/config.yaml",
+        "--no-lease",
+    ]
     assert cluster["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
 
 
 def test_single_node_job_has_no_workers_and_runs_the_step_directly() -> None:
     job = build_step_job(config_from_args(EXAMPLE), "extract", config_map_name="cm")
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
-    assert container(job)["command"] == ["clusterfit", "extract", "config=/etc/clusterfit/config.yaml"]
+    assert container(job)["command"] == ["clusterfit", "extract", "config=/etc/clusterfit/config.yaml", "--no-lease"]
     backend = config_from_args([*EXAMPLE, "config.CLUSTERFIT.CLUSTER_BACKEND=torch"])
     assert container(build_step_job(backend, "cluster", config_map_name="cm"))["image"] == backend.KUBERNETES.IMAGE
 
@@ -378,6 +384,7 @@ def test_k8s_examples_hold_no_secrets_and_the_controllers_exact_rules() -> None:
         ("", "pods/log"): {"get"},
         ("", "events"): {"get", "list", "watch"},
         ("", "configmaps"): {"get"},
+        ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
     }
     namespace = yaml.safe_load((REPO_ROOT / "k8s" / "namespace.yaml").read_text())["metadata"]["name"]
     assert namespace == config_from_args(EXAMPLE).KUBERNETES.NAMESPACE
