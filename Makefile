@@ -1,12 +1,13 @@
 # The two commands of the README's quick start, and what they stand on.
 #   make quickstart   set up .venv and run the whole pipeline on the digits quickstart (CPU)
 #   make test         set up .venv, build the test servers (cached), lint, type-check, run every test:
-#                     the fast ones, then the pipeline on a real single-node Kubernetes cluster (root)
+#                     the fast ones, then the pipeline on a real single-node Kubernetes cluster and the
+#                     storage fault tests (MinIO behind toxiproxy, a full tmpfs) (root)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 
-.PHONY: quickstart fashion-mnist test unit e2e node-prep lint bench-cpu clean
+.PHONY: quickstart fashion-mnist test unit e2e faults node-prep lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,12 +34,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check clusterfit tests bench
 	$(VENV)/bin/mypy
 
-# Everything CI runs: lint, the fast tests (real etcd, kube-apiserver, helm, S3), then the real node.
+# Everything CI runs: lint, the fast tests (real etcd, kube-apiserver, helm, S3), then the real node
+# and the fault tests (both need the node's build: MinIO, toxiproxy).
 test: node-prep $(VENV)/.installed lint
 	bash tests/infra/build_bins.sh
 	$(PY) -m pytest
 	bash tests/infra/prepare_node.sh wait
-	$(PY) -m pytest -m node tests/node
+	$(PY) -m pytest -m "node or faults" tests/node tests/faults
 
 # Only the fast tests (no node; root once, for the Debian packages of install_node_deps.sh).
 unit: $(VENV)/.installed lint
@@ -50,6 +52,11 @@ unit: $(VENV)/.installed lint
 e2e: $(VENV)/.installed
 	bash tests/infra/prepare_node.sh run
 	$(PY) -m pytest -m node tests/node
+
+# Only the storage fault tests: resets, stalls, 503s and 403s between the steps and MinIO; a full disk (root).
+faults: $(VENV)/.installed
+	bash tests/infra/build_bins.sh minio toxiproxy-server
+	$(PY) -m pytest -m faults tests/faults
 
 bench-cpu: $(VENV)/.installed
 	$(PY) bench/cluster.py

@@ -6,7 +6,7 @@
 #   bash tests/infra/build_bins.sh kubelet coredns # just some (tool names or the groups below)
 #
 # Tools: helm etcd kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy kubectl
-# coredns training-operator minio. Groups: base (the default), node, all.
+# coredns training-operator minio toxiproxy-server. Groups: base (the default), node, all.
 #
 # Versions come from tests/infra/versions.env. Binaries are cached under
 #   ${CLUSTERFIT_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clusterfit/bin}/<tool>-<version>/<tool>
@@ -36,7 +36,7 @@ export CGO_ENABLED=0
 
 KUBE_TOOLS=(kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy kubectl)
 BASE_TOOLS=(helm etcd kube-apiserver)
-NODE_TOOLS=(helm etcd "${KUBE_TOOLS[@]}" coredns training-operator minio)
+NODE_TOOLS=(helm etcd "${KUBE_TOOLS[@]}" coredns training-operator minio toxiproxy-server)
 ALL_TOOLS=("${NODE_TOOLS[@]}")
 # CoreDNS plugins compiled in: what tests/infra/node_config.py's Corefile uses, and a few small ones
 # (cache, hosts, log, loop, reload) for debugging; the full set drags in three cloud SDKs.
@@ -77,6 +77,7 @@ version_of() {
     coredns) echo "$COREDNS_VERSION" ;;
     training-operator) echo "$TRAINING_OPERATOR_VERSION" ;;
     minio) echo "$MINIO_VERSION" ;;
+    toxiproxy-server) echo "$TOXIPROXY_VERSION" ;;
     *) if is_kube_tool "$1"; then echo "$KUBERNETES_VERSION"; else
          log "unknown tool '$1' (expected one of: ${ALL_TOOLS[*]}, or a group: base node all)"; exit 2; fi ;;
   esac
@@ -91,6 +92,7 @@ reported_version() {
     etcd) "$bin" --version | sed -n 's/^etcd Version: /v/p' ;;
     kubectl) "$bin" version --client | sed -n 's/^Client Version: //p' ;;
     coredns) "$bin" -version | sed -n 's/^CoreDNS-/v/p' ;;
+    toxiproxy-server) "$bin" -version | awk '{print $NF}' ;;
     training-operator | minio)
       "$bin" --help >/dev/null 2>&1 || return 1
       go version -m "$bin" | awk '$1 == "mod" {print $3}' ;;
@@ -198,6 +200,13 @@ build_training_operator() {  # $1: output dir
 
 build_minio() {  # $1: output dir
   GOBIN=$1 go install -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+}
+
+build_toxiproxy_server() {  # $1: output dir
+  # The fault tests' network faults (resets, stalls, latency) between the steps and MinIO.
+  GOBIN=$1 go install -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$1/server" "$1/toxiproxy-server"
 }
 
 # Move a freshly built binary into its cache slot and check it.

@@ -60,6 +60,7 @@ _VERSION_KEYS = {
     "coredns": "COREDNS_VERSION",
     "training-operator": "TRAINING_OPERATOR_VERSION",
     "minio": "MINIO_VERSION",
+    "toxiproxy-server": "TOXIPROXY_VERSION",
 }
 
 
