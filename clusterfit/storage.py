@@ -146,8 +146,9 @@ def _local_errors(uri: str, size: int) -> Iterator[None]:
             errno.EACCES: "permission denied",
             errno.EPERM: "operation not permitted",
         }.get(exc.errno or 0, exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename else ""  # a folder or temporary the kernel named
         raise StorageError(
-            f"{uri}: cannot write {size:,} bytes: {reason} ({exc.filename or uri}); nothing was published, "
+            f"{uri}: cannot write {size:,} bytes: {reason}{where}; nothing was published, "
             "free the space or fix the mount and rerun: finished work is kept"
         ) from None
 
