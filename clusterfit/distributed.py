@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from clusterfit.runtime import Ranks, ranks_from_env
+from clusterfit.runtime import Ranks, check_requested_gpus, ranks_from_env
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,13 @@ class Dist:
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
     """Join the process group described by env:// (gloo on CPU, nccl on CUDA); one process when unset."""
     ranks = ranks_from_env()
-    if torch.cuda.is_available():
+    with warnings.catch_warnings(record=True) as said:  # torch says why CUDA is unusable (an old driver) only here
+        warnings.simplefilter("always")
+        cuda = torch.cuda.is_available()
+    check_requested_gpus(
+        torch.cuda.device_count() if cuda else 0, "torch", torch.version.cuda, "; ".join(str(w.message) for w in said)
+    )
+    if cuda:
         device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     else:

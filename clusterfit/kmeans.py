@@ -9,6 +9,7 @@ K and d alone (never from the device), and recorded with its reason in `Centroid
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from clusterfit.errors import UserError
+from clusterfit.runtime import GPUS_ENV, check_requested_gpus
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +203,24 @@ def plan(requested: str, backend: str, *, k: int, dim: int, unit_sphere: bool) -
 
 
 def faiss_gpus() -> int:
+    """The GPUs faiss can use; none in a pod that was given some is an error (runtime.check_requested_gpus)."""
     import faiss
 
-    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    found = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    if not found and os.environ.get(GPUS_ENV):
+        check_requested_gpus(found, f"faiss {faiss_version()}", cuda_of_faiss())
+    return found
+
+
+def cuda_of_faiss() -> str | None:
+    """The CUDA major version faiss-gpu was built for, from its wheel's name (faiss-gpu-cu12); None on the CPU."""
+    from importlib import metadata
+
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("faiss-gpu-cu"):
+            return name.removeprefix("faiss-gpu-cu")
+    return None
 
 
 def train_faiss(

@@ -29,6 +29,34 @@ class Interrupted(Exception):
     """A step stopped on request (SIGTERM) after saving its state; rerunning resumes it."""
 
 
+# Set by the step manifests (clusterfit/kube/manifests.py) in a pod that was given GPUs: their number.
+GPUS_ENV = "CLUSTERFIT_GPUS"
+# The oldest Linux driver each CUDA major version of the pinned wheels runs on (NVIDIA's release notes).
+MIN_DRIVER = {"12": "525.60.13", "13": "580.65.06"}
+
+
+class GPUUnavailable(UserError, RuntimeError):
+    """A pod that was given GPUs finds none: a step must not fall back to the CPU silently."""
+
+
+def check_requested_gpus(found: int, library: str, cuda: str | None, detail: str = "") -> None:
+    """Raise GPUUnavailable when this pod was given GPUs (GPUS_ENV) and `library` finds none.
+
+    `cuda` is the CUDA version the library was built for; `detail` what it said (torch's warning
+    about an old driver, say)."""
+    requested = int(os.environ.get(GPUS_ENV, "0") or 0)
+    if not requested or found:
+        return
+    major = (cuda or "").split(".")[0]
+    driver = f"; {library}'s CUDA {cuda} needs an NVIDIA driver >= {MIN_DRIVER[major]}" if major in MIN_DRIVER else ""
+    said = f" ({detail.strip()})" if detail.strip() else ""
+    raise GPUUnavailable(
+        f"this pod was given {requested} GPU(s) ({GPUS_ENV}={requested}, from KUBERNETES.RESOURCES.<STEP>.GPUS) but "
+        f"{library} finds none{said}{driver}. Check the node's driver (`nvidia-smi`) and its NVIDIA device plugin; "
+        "the step does not fall back to the CPU."
+    )
+
+
 class DistributedEnvError(UserError, RuntimeError):
     """The env:// variables are half set."""
 

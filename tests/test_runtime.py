@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clusterfit.runtime import DistributedEnvError, Ranks, ranks_from_env
@@ -44,3 +46,41 @@ def test_rank_outside_the_world_is_an_error(rank: str, world: str) -> None:
     with pytest.raises(DistributedEnvError) as err:
         ranks_from_env({"RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert "RANK" in str(err.value)
+
+
+# GPUs: this machine has none, so a pod given GPUs without a working driver is reproduced for real.
+
+
+def test_a_step_given_gpus_that_finds_none_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterfit.distributed import init_distributed
+    from clusterfit.runtime import GPUUnavailable
+
+    init_distributed()  # no GPUs asked for: the CPU is fine
+    monkeypatch.setenv("CLUSTERFIT_GPUS", "2")
+    with pytest.raises(GPUUnavailable) as err:
+        init_distributed()
+    message = str(err.value)
+    print(message)
+    assert "given 2 GPU(s)" in message and "torch finds none" in message and "does not fall back to the CPU" in message
+    import torch
+
+    if torch.version.cuda:  # a CUDA build of torch: the driver it needs is named
+        assert f"CUDA {torch.version.cuda} needs an NVIDIA driver >= " in message
+
+
+def test_the_cluster_step_given_gpus_that_faiss_cannot_use_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterfit.kmeans import faiss_gpus
+    from clusterfit.runtime import GPUUnavailable
+
+    assert faiss_gpus() == 0
+    monkeypatch.setenv("CLUSTERFIT_GPUS", "1")
+    with pytest.raises(GPUUnavailable, match=r"given 1 GPU\(s\).*faiss 1\.\d+\.\d+ finds none"):
+        faiss_gpus()
+
+
+def test_the_cli_says_so_in_one_line(tmp_path: Path) -> None:
+    from tests.conftest import cli, error_of, tiny_overrides
+
+    proc = cli("extract", *tiny_overrides(tmp_path / "exp"), env={"CLUSTERFIT_GPUS": "8"})
+    assert "given 8 GPU(s)" in error_of(proc)
+    assert not (tmp_path / "exp" / "features").exists()
