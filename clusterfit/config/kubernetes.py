@@ -2,8 +2,8 @@
 
     clusterfit render config=kubernetes-example config.KUBERNETES.RESOURCES.TRAIN.GPUS=8
 
-Upper-case keys like the rest of the config. Two kinds of values go into the pod spec verbatim and
-so keep Kubernetes' own (lower-case) field names: TOLERATIONS entries and AFFINITY. The number of
+Upper-case keys like the rest of the config. Some values go into the pod spec verbatim and so keep
+Kubernetes' own (lower-case) field names: TOLERATIONS entries, AFFINITY, VOLUMES and VOLUME_MOUNTS. The number of
 Worker replicas is not a key: it is DISTRIBUTED.NUM_NODES - 1 (see `num_workers`).
 """
 
@@ -19,6 +19,9 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by the operator or torchrun (a step must never set its own rank), or secrets (by reference only).
 RESERVED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"}
+# The step pods' own volumes (the config, /dev/shm): VOLUMES and VOLUME_MOUNTS may not shadow them.
+RESERVED_VOLUMES = ("config", "dshm")
+RESERVED_MOUNTS = ("/etc/clusterfit", "/dev/shm")
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
@@ -33,6 +36,11 @@ class StepResources(_Section):
     MEMORY: str = Field("8Gi", pattern=QUANTITY, description="Memory request and limit per pod (e.g. '32Gi').")
     GPUS: int = Field(
         0, ge=0, description="nvidia.com/gpu per pod; torch steps need at least DISTRIBUTED.NUM_PROC_PER_NODE when > 0."
+    )
+    EPHEMERAL_STORAGE: str = Field(
+        "",
+        pattern=r"^$|" + QUANTITY,
+        description="ephemeral-storage request and limit per pod (e.g. '50Gi' for local scratch); empty: none.",
     )
 
 
@@ -208,6 +216,29 @@ class KubernetesConfig(_Section):
         description="runPolicy.cleanPodPolicy: which pods are deleted when a job finishes (Running keeps failed "
         "pods' logs).",
     )
+    POD_LABELS: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on the step pods (cost centre, policy selectors); the app.kubernetes.io ones win.",
+    )
+    POD_ANNOTATIONS: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations on the step pods (e.g. a workload identity's, a sidecar injector's).",
+    )
+    VOLUMES: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra volumes of the step pods, as Kubernetes Volume objects (a dataset PVC, NVMe scratch).",
+    )
+    VOLUME_MOUNTS: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra volumeMounts of the step container, as Kubernetes VolumeMount objects; each names a "
+        "volume of VOLUMES.",
+    )
+    TERMINATION_GRACE_PERIOD_SECONDS: int = Field(
+        120,
+        ge=0,
+        description="terminationGracePeriodSeconds of the step pods: time between SIGTERM and SIGKILL to write a "
+        "checkpoint (Kubernetes' default 30 s is short for a large model).",
+    )
     ENV: dict[str, str] = Field(
         default_factory=dict,
         description="Extra environment on every step container (e.g. NCCL_DEBUG: INFO, NCCL_SOCKET_IFNAME: eth0). "
@@ -216,6 +247,21 @@ class KubernetesConfig(_Section):
     CONTROLLER: ControllerConfig = Field(
         default_factory=ControllerConfig, description="How the controller follows the step jobs."
     )
+
+    @model_validator(mode="after")
+    def _volumes(self) -> KubernetesConfig:
+        names = [str(v.get("name", "")) for v in self.VOLUMES]
+        for name in names:
+            if not name or name in RESERVED_VOLUMES:
+                raise ValueError(f"VOLUMES: each volume needs a name other than {', '.join(RESERVED_VOLUMES)}")
+        for mount in self.VOLUME_MOUNTS:
+            if mount.get("name") not in names:
+                raise ValueError(f"VOLUME_MOUNTS: {mount.get('name')!r} is not the name of a volume in VOLUMES")
+            if mount.get("mountPath") in RESERVED_MOUNTS or not mount.get("mountPath"):
+                raise ValueError(
+                    f"VOLUME_MOUNTS: {mount.get('name')!r} needs a mountPath other than {', '.join(RESERVED_MOUNTS)}"
+                )
+        return self
 
     @field_validator("ENV")
     @classmethod

@@ -36,6 +36,19 @@ def _open_map(description: str) -> dict[str, Any]:
     return {"type": "object", "description": description}
 
 
+def _names(description: str) -> dict[str, Any]:
+    return {"type": "array", "items": {"type": "string", "minLength": 1}, "description": description}
+
+
+def _string_map(description: str) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": {"type": "string"}, "description": description}
+
+
+def _objects(description: str, required: list[str]) -> dict[str, Any]:
+    """A list of Kubernetes objects passed through (volumes, mounts): only their required keys are ours."""
+    return {"type": "array", "items": {"type": "object", "required": required}, "description": description}
+
+
 def controller_schema() -> dict[str, Any]:
     image = _obj(
         "The controller image (docker/Dockerfile.controller).",
@@ -49,29 +62,44 @@ def controller_schema() -> dict[str, Any]:
         "The Job that runs `clusterfit submit --in-cluster`: it creates the step PyTorchJobs one by one.",
         {
             "image": image,
-            "imagePullSecrets": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Names of docker-registry Secrets.",
-            },
+            "imagePullSecrets": _names("Names of docker-registry Secrets for the controller and test pods."),
             "resources": _open_map("Kubernetes resources of the controller container."),
             "backoffLimit": _int("Retries of the controller pod; a rerun resumes from the step jobs that exist.", 0),
             "activeDeadlineSeconds": _int("The whole pipeline must finish within this many seconds.", 1),
             "ttlSecondsAfterFinished": _int(
                 "Delete the finished controller Job after this many seconds; null: keep it.", 0, nullable=True
             ),
-            "nodeSelector": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": "nodeSelector of the controller pod.",
-            },
+            "nodeSelector": _string_map("nodeSelector of the controller pod."),
             "tolerations": {
                 "type": "array",
                 "items": {"type": "object"},
                 "description": "Tolerations of the controller pod.",
             },
+            "extraVolumes": _objects("Extra volumes of the controller pod.", ["name"]),
+            "extraVolumeMounts": _objects("Extra volumeMounts of the controller container.", ["name", "mountPath"]),
         },
     )
+
+
+def pod_values_schema() -> dict[str, Any]:
+    """The release-wide pod values; the chart passes them on to the step pods through the config."""
+    return {
+        "serviceAccount": _obj(
+            "The controller's ServiceAccount.",
+            {"annotations": _string_map("Its annotations (workload identity: eks.amazonaws.com/role-arn, ...).")},
+        ),
+        "podLabels": _string_map("Extra labels on the controller and step pods."),
+        "podAnnotations": _string_map("Extra annotations on the controller and step pods."),
+        "imagePullSecrets": _names("Names of docker-registry Secrets for every pod."),
+        "extraVolumes": _objects("Extra volumes of the step pods.", ["name"]),
+        "extraVolumeMounts": _objects("Extra volumeMounts of the step container.", ["name", "mountPath"]),
+        "terminationGracePeriodSeconds": _int(
+            "Seconds from SIGTERM to SIGKILL for step pods; null: the experiment's.", 0, nullable=True
+        ),
+        "nameOverride": _str("Replaces the chart name in the app.kubernetes.io/name label."),
+        "fullnameOverride": _str("Name of the controller Job and prefix of the chart's objects; empty: the release."),
+        "global": {"type": "object", "description": "Values shared with a parent chart (unused)."},
+    }
 
 
 def structure_only(node: Any) -> Any:
@@ -103,11 +131,12 @@ def values_schema() -> dict[str, Any]:
             "Object storage credentials, by reference only.",
             {
                 "secretName": _str(
-                    "Required: Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see "
-                    "k8s/s3-secret.example.yaml)."
+                    "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml); "
+                    "empty: no credentials in any pod (workload identity)."
                 )
             },
         ),
+        **pod_values_schema(),
         "controller": controller_schema(),
         "checks": _obj(
             "Early failures at install time.",

@@ -22,6 +22,7 @@ from clusterfit import __version__
 from clusterfit.config import STEPS, Config, to_yaml
 from clusterfit.config.kubernetes import CREDENTIAL_ENV
 from clusterfit.errors import UserError
+from clusterfit.runtime import GPUS_ENV
 
 API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the training container (and its port) by this name
@@ -133,6 +134,13 @@ def container_env(cfg: Config) -> list[dict[str, Any]]:
     return env
 
 
+def gpu_env(cfg: Config, step: str) -> list[dict[str, Any]]:
+    """GPUS_ENV in a step pod that is given GPUs: the step then fails at start when it finds none
+    (runtime.check_requested_gpus) instead of training on the CPU."""
+    gpus = getattr(cfg.KUBERNETES.RESOURCES, step.upper()).GPUS
+    return [{"name": GPUS_ENV, "value": str(gpus)}] if gpus else []
+
+
 def step_resources(cfg: Config, step: str) -> dict[str, Any]:
     """Requests and limits of one pod; GPUs are limits (requests follow), memory is capped."""
     res = getattr(cfg.KUBERNETES.RESOURCES, step.upper())
@@ -141,10 +149,13 @@ def step_resources(cfg: Config, step: str) -> dict[str, Any]:
             f"KUBERNETES.RESOURCES.{step.upper()}.GPUS={res.GPUS} is less than DISTRIBUTED.NUM_PROC_PER_NODE="
             f"{cfg.DISTRIBUTED.NUM_PROC_PER_NODE}: each process of a pod needs its own GPU"
         )
+    requests: dict[str, Any] = {"cpu": res.CPU, "memory": res.MEMORY}
     limits: dict[str, Any] = {"memory": res.MEMORY}
+    if res.EPHEMERAL_STORAGE:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = res.EPHEMERAL_STORAGE
     if res.GPUS:
         limits["nvidia.com/gpu"] = res.GPUS
-    return {"requests": {"cpu": res.CPU, "memory": res.MEMORY}, "limits": limits}
+    return {"requests": requests, "limits": limits}
 
 
 def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]:
@@ -155,12 +166,13 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
         "image": kube.IMAGE if uses_torch(cfg, step) else kube.CLUSTER_IMAGE,
         "imagePullPolicy": kube.IMAGE_PULL_POLICY,
         "command": step_command(cfg, step),
-        "env": container_env(cfg),
+        "env": container_env(cfg) + gpu_env(cfg, step),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "resources": step_resources(cfg, step),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *copy.deepcopy(kube.VOLUME_MOUNTS),
         ],
         "securityContext": CONTAINER_SECURITY,
     }
@@ -169,8 +181,10 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": kube.SHM_SIZE}},
+            *copy.deepcopy(kube.VOLUMES),
         ],
         "securityContext": POD_SECURITY,
+        "terminationGracePeriodSeconds": kube.TERMINATION_GRACE_PERIOD_SECONDS,
     }
     optional = {
         "serviceAccountName": kube.SERVICE_ACCOUNT,
@@ -182,7 +196,10 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
         "schedulerName": kube.SCHEDULER_NAME,
     }
     spec.update({key: value for key, value in optional.items() if value})
-    return {"metadata": {"labels": labels(cfg, step)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": {**kube.POD_LABELS, **labels(cfg, step)}}
+    if kube.POD_ANNOTATIONS:
+        metadata["annotations"] = dict(kube.POD_ANNOTATIONS)
+    return {"metadata": metadata, "spec": spec}
 
 
 def run_policy(cfg: Config) -> dict[str, Any]:

@@ -126,7 +126,23 @@ BAD_VALUES = {
         REQUIRED + ["--set", "experiment.DISTRIBUTED.NUM_WORKERS=2"],
         "at '/experiment/DISTRIBUTED': additional properties 'NUM_WORKERS' not allowed",
     ),
-    "no S3 secret name": (["--set", "experiment.EXPERIMENT.ROOT=s3://bucket/prefix"], "s3.secretName is required"),
+    "podLabels value not a string": (REQUIRED + ["--set", "podLabels.gpu=1"], "at '/podLabels/gpu'"),
+    "extra volume without a name": (
+        REQUIRED + ["--set", "extraVolumes[0].emptyDir.medium=Memory"],
+        "at '/extraVolumes/0': missing property 'name'",
+    ),
+    "extra mount without a path": (
+        REQUIRED + ["--set", "extraVolumeMounts[0].name=data"],
+        "at '/extraVolumeMounts/0': missing property 'mountPath'",
+    ),
+    "negative grace period": (
+        REQUIRED + ["--set", "terminationGracePeriodSeconds=-1"],
+        "at '/terminationGracePeriodSeconds': minimum: got -1, want 0",
+    ),
+    "ephemeral storage not a quantity": (
+        REQUIRED + ["--set", "experiment.KUBERNETES.RESOURCES.TRAIN.EPHEMERAL_STORAGE=lots"],
+        "at '/experiment/KUBERNETES/RESOURCES/TRAIN/EPHEMERAL_STORAGE'",
+    ),
     "negative worker count": (
         REQUIRED + ["--set", "experiment.DISTRIBUTED.NUM_NODES=-1"],
         "at '/experiment/DISTRIBUTED/NUM_NODES': minimum: got -1, want 1",

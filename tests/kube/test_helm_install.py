@@ -117,3 +117,33 @@ def test_helm_install_creates_the_release_its_controller_runs_with_it_and_uninst
     assert uninstall.returncode == 0, uninstall.stderr
     assert [(kind, name) for kind, name in objects if exists(admin, kind, name, namespace)] == []
     assert helm(helm_bin, "status", "digits", "-n", namespace, env=env).returncode != 0  # no release left
+
+
+def test_a_user_allowed_only_its_namespace_can_install(
+    control_plane: ControlPlane, namespace: str, helm_bin: Path, tmp_path: Path
+) -> None:
+    # A namespace admin (a Role, no ClusterRole): the chart may read nothing cluster-scoped, such as
+    # the PyTorchJob CRD; API discovery (what .Capabilities reads) is open to every user.
+    admin = control_plane.api_client()
+    core, rbac = client.CoreV1Api(admin), client.RbacAuthorizationV1Api(admin)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "deployer"}})
+    everything = {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "deployer"}, "rules": [everything]})
+    binding = {
+        "metadata": {"name": "deployer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": namespace}],
+    }
+    rbac.create_namespaced_role_binding(namespace, binding)
+    token = core.create_namespaced_service_account_token("deployer", namespace, {"spec": {"expirationSeconds": 600}})
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(control_plane.kubeconfig_for(token.status.token, name="namespace-admin")),
+        "HELM_CACHE_HOME": str(tmp_path / "cache"),
+        "HELM_CONFIG_HOME": str(tmp_path / "config"),
+        "HELM_DATA_HOME": str(tmp_path / "data"),
+    }
+    root = "experiment.EXPERIMENT.ROOT=s3://bucket/prefix"
+    install = helm(helm_bin, "install", "digits", str(CHART), "-n", namespace, "--set", root, env=env)
+    assert install.returncode == 0, install.stderr
+    assert exists(admin, "Job", "digits", namespace)

@@ -115,6 +115,9 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
         "--no-lease",  # the controller holds the experiment's Lease
     ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert {"name": "CLUSTERFIT_GPUS", "value": "4"} in c["env"]  # a pod without them fails at start
+    assert {"name": "CLUSTERFIT_GPUS", "value": "1"} in container(cluster)["env"]
+    assert not [e for e in container(jobs_of(render(EXAMPLE, tmp_path))[0])["env"] if e["name"] == "CLUSTERFIT_GPUS"]
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
     pod = replicas["Worker"]["template"]["spec"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]

@@ -1,9 +1,14 @@
 {{/*
 Names. The release is the experiment: objects are named after it. The controller Job takes the
-release name itself (Job names must stay within 63 characters, releases within 53).
+release name itself, or fullnameOverride (Job names must stay within 63 characters, releases
+within 53). nameOverride replaces the chart's name in the app.kubernetes.io/name label.
 */}}
+{{- define "clusterfit.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "clusterfit.fullname" -}}
-{{- .Release.Name | trunc 53 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | default .Release.Name | trunc 53 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "clusterfit.configMapName" -}}
@@ -16,7 +21,7 @@ release name itself (Job names must stay within 63 characters, releases within 5
 
 {{/* The standard labels; `component` says which part of the release an object is. */}}
 {{- define "clusterfit.labels" -}}
-app.kubernetes.io/name: clusterfit
+app.kubernetes.io/name: {{ include "clusterfit.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: clusterfit
@@ -28,8 +33,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.controller.image.repository (.Values.controller.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
-{{/* S3 credentials from the Secret, by reference only. */}}
+{{/* S3 credentials from the Secret, by reference only; none without s3.secretName (workload identity). */}}
 {{- define "clusterfit.s3Env" -}}
+{{- if .Values.s3.secretName }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef: {name: {{ .Values.s3.secretName | quote }}, key: AWS_ACCESS_KEY_ID}
@@ -39,11 +45,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - name: AWS_SESSION_TOKEN
   valueFrom:
     secretKeyRef: {name: {{ .Values.s3.secretName | quote }}, key: AWS_SESSION_TOKEN, optional: true}
+{{- end }}
+{{- end -}}
+
+{{/* imagePullSecrets of the controller and test pods: the release-wide ones and controller's own. */}}
+{{- define "clusterfit.imagePullSecrets" -}}
+{{- $names := concat .Values.imagePullSecrets .Values.controller.imagePullSecrets | uniq -}}
+{{- if $names }}
+imagePullSecrets:
+{{- range $names }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/*
-The experiment config the controller and every step read: .Values.experiment plus the three keys
-the release decides (EXPERIMENT.NAME when empty, KUBERNETES.NAMESPACE, KUBERNETES.S3_SECRET_NAME).
+The experiment config the controller and every step read: .Values.experiment plus the keys the
+release decides (EXPERIMENT.NAME when empty, KUBERNETES.NAMESPACE, KUBERNETES.S3_SECRET_NAME) and
+the release-wide pod values the controller passes on to the step pods (podLabels, podAnnotations,
+imagePullSecrets, extraVolumes, extraVolumeMounts, terminationGracePeriodSeconds), added to the
+experiment's own KUBERNETES keys (the chart's values win on a clash).
 */}}
 {{- define "clusterfit.experiment" -}}
 {{- $exp := deepCopy (.Values.experiment | default dict) -}}
@@ -53,6 +74,15 @@ the release decides (EXPERIMENT.NAME when empty, KUBERNETES.NAMESPACE, KUBERNETE
 {{- $kube := deepCopy (get $exp "KUBERNETES" | default dict) -}}
 {{- $_ := set $kube "NAMESPACE" .Release.Namespace -}}
 {{- $_ := set $kube "S3_SECRET_NAME" .Values.s3.secretName -}}
+{{- range $key, $value := dict "POD_LABELS" .Values.podLabels "POD_ANNOTATIONS" .Values.podAnnotations -}}
+{{- if $value -}}{{- $_ := set $kube $key (merge (deepCopy $value) (get $kube $key | default dict)) -}}{{- end -}}
+{{- end -}}
+{{- range $key, $value := dict "IMAGE_PULL_SECRETS" .Values.imagePullSecrets "VOLUMES" .Values.extraVolumes "VOLUME_MOUNTS" .Values.extraVolumeMounts -}}
+{{- if $value -}}{{- $_ := set $kube $key (concat (get $kube $key | default list) $value | uniq) -}}{{- end -}}
+{{- end -}}
+{{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) -}}
+{{- $_ := set $kube "TERMINATION_GRACE_PERIOD_SECONDS" .Values.terminationGracePeriodSeconds -}}
+{{- end -}}
 {{- $_ := set $exp "KUBERNETES" $kube -}}
 {{- toYaml $exp -}}
 {{- end -}}
@@ -64,9 +94,6 @@ and `helm install` both stop before anything reaches the cluster.
 {{- define "clusterfit.validate" -}}
 {{- if gt (len .Release.Name) 53 -}}
 {{- fail (printf "release name %q has %d characters: at most 53 (Helm stores releases in Secrets named after them)" .Release.Name (len .Release.Name)) -}}
-{{- end -}}
-{{- if not .Values.s3.secretName -}}
-{{- fail "s3.secretName is required: the name of a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml)" -}}
 {{- end -}}
 {{- $exp := include "clusterfit.experiment" . | fromYaml -}}
 {{- $root := $exp.EXPERIMENT.ROOT | default "" -}}
@@ -85,9 +112,9 @@ and `helm install` both stop before anything reaches the cluster.
 {{- fail (printf "experiment.EXPERIMENT.NAME %q (default: the release name) is too long: step job %q has %d characters, at most 50" $name $job (len $job)) -}}
 {{- end -}}
 {{- end -}}
+{{- /* Discovery, not a lookup of the (cluster-scoped) CRD: a user allowed only the namespace can install. */ -}}
 {{- if .Values.checks.pytorchJobCRD -}}
-{{- $crd := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" "pytorchjobs.kubeflow.org" -}}
-{{- if and (not $crd) (not (.Capabilities.APIVersions.Has "kubeflow.org/v1/PyTorchJob")) -}}
+{{- if not (.Capabilities.APIVersions.Has "kubeflow.org/v1/PyTorchJob") -}}
 {{- fail "the cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training operator (its CRD) first; to render offline pass --api-versions kubeflow.org/v1/PyTorchJob or set checks.pytorchJobCRD=false" -}}
 {{- end -}}
 {{- end -}}
