@@ -194,7 +194,7 @@ def test_a_held_lease_is_refused_naming_its_owner_and_a_released_one_is_free(sto
             Lease(ObjectSlot(store), ttl_s=30).acquire()
     message = str(refused.value)
     assert message.startswith(f"{store.uri('_lease.json')} is held by ")
-    assert f"@{first.owner.host} pid {first.owner.pid} (clusterfit " in message
+    assert f"@{first.owner.host} pid {first.owner.pid} (clusterfit" in message
     assert "unless renewed" in message and "add --wait" in message and "taken over automatically" in message
     assert store.list() == []  # released
     Lease(ObjectSlot(store), ttl_s=30).acquire().release()

@@ -100,7 +100,7 @@ def test_a_second_controller_refuses_while_the_first_runs_and_with_wait_finds_th
         assert submit(ex, config) == 1
         err = capsys.readouterr().err
         assert f"clusterfit: error: Lease fit-controller in namespace {ex.namespace} is held by " in err
-        assert f"pid {os.getpid()} (clusterfit " in err and "expires at" in err and "add --wait" in err
+        assert f"pid {os.getpid()} (clusterfit" in err and "expires at" in err and "add --wait" in err
 
         second, second_result = in_background(ex, config, "--wait")
         deadline = time.monotonic() + 30
