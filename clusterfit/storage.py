@@ -206,20 +206,20 @@ class LocalBackend:
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
         # A string prefix, as on S3: "clusters/k1" also matches "clusters/k10/..." and "clusters/k1.json".
         folder = self.root / prefix.rpartition("/")[0]
         if not folder.is_dir():
-            return []
-        keys = []
+            return {}
+        found = {}
         for path in folder.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
+            if not path.name.startswith(".") and path.is_file():
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
-
-    def sizes(self, prefix: str) -> dict[str, int]:
-        return {key: self._path(key).stat().st_size for key in self.list(prefix)}
+                    found[key] = path.stat().st_size
+        return found
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from clusterfit.config import S3Config, StorageConfig
+from tests.infra.controlplane import stop_process
 
 REGION = "us-east-1"
 USER = "clusterfit-tests"
@@ -176,12 +177,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         create_credentials(server)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 @pytest.fixture

@@ -91,11 +91,20 @@ class Faulty:
         proc = cli(step, *small_overrides(self.root, **overrides), *extra, env=env, timeout=900)
         proc.elapsed_s = time.monotonic() - started  # type: ignore[attr-defined]
         self.outputs += [proc.stdout, proc.stderr]
-        retries = [line for line in proc.stderr.splitlines() if "retrying" in line.lower()]
+        retries = retries_logged(proc.stderr)
         # One line per command for the results table (pytest -s shows them).
         took = f"{proc.elapsed_s:.1f} s"  # type: ignore[attr-defined]
         print(f"\nFAULTS | {self.prefix} | {step} | exit {proc.returncode} | {took} | {len(retries)} retry lines")
         return proc
+
+    def burst(self, method: str, part: str, kind: str, hold_s: float, stream: str = "downstream", **attrs: Any) -> None:
+        """At the first `method` request whose path holds `part`, a toxic of `kind` for hold_s seconds."""
+        self.front.on(method, part, action=lambda: self.toxiproxy.window(kind, hold_s, stream, **attrs))
+
+    def heal(self) -> None:
+        """No more faults: every toxic and front rule gone (and the front's request record)."""
+        self.toxiproxy.clear()
+        self.front.clear()
 
     def copy_from(self, source_prefix: str, *steps: str) -> None:
         """Server-side copies of published step folders from another prefix (as if those steps ran here)."""
@@ -109,12 +118,11 @@ class Faulty:
 
     def manifest(self, step: str, prefix: str | None = None) -> dict[str, Any] | None:
         key = f"{prefix or self.prefix}/{PUBLISHED[step]}/_SUCCESS.json"
+        s3 = self.minio.client()
         try:
-            body = self.minio.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        except Exception as exc:  # NoSuchKey
-            if "NoSuchKey" in str(exc) or "Not Found" in str(exc):
-                return None
-            raise
+            body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return None
         self.outputs.append(body.decode())
         return dict(json.loads(body))
 
@@ -169,12 +177,20 @@ def reference(minio: MinIO, chain: tuple[Toxiproxy, Front, str]) -> Faulty:
 @pytest.fixture
 def faulty(request: pytest.FixtureRequest, minio: MinIO, chain: tuple[Toxiproxy, Front, str]) -> Iterator[Faulty]:
     toxiproxy, front, proxy_url = chain
-    front.clear()
-    toxiproxy.clear()
     prefix = f"{request.node.name.replace('[', '-').replace(']', '')}-{os.getpid()}"
-    yield Faulty(minio, toxiproxy, front, proxy_url, prefix)
-    front.clear()
-    toxiproxy.clear()
+    faulty = Faulty(minio, toxiproxy, front, proxy_url, prefix)
+    faulty.heal()
+    yield faulty
+    faulty.heal()
+
+
+def retries_logged(stderr: str) -> list[str]:
+    """The log lines of retries: botocore's attempts, s3transfer's body retries, our rounds."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if "retrying" in line.lower() and ("clusterfit.s3" in line or "s3transfer" in line)
+    ]
 
 
 def files_of(manifest: dict[str, Any] | None) -> dict[str, str]:

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.infra.controlplane import find_binary, free_port
+from tests.infra.controlplane import find_binary, free_port, stop_process
 
 START_TIMEOUT_S = 60.0
 REGION = "us-east-1"
@@ -46,15 +46,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) -> 
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{what} did not answer {url} within {START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass
@@ -112,7 +103,7 @@ def run_minio(workdir: Path) -> Iterator[MinIO]:
         wait_http(f"http://127.0.0.1:{port}/minio/health/ready", proc, log, "minio")
         yield MinIO(f"http://127.0.0.1:{port}", user, password)
     finally:
-        stop(proc)
+        stop_process(proc, 10)
 
 
 @dataclass
@@ -169,7 +160,7 @@ def run_toxiproxy(workdir: Path) -> Iterator[Toxiproxy]:
         wait_http(f"http://127.0.0.1:{port}/version", proc, log, "toxiproxy-server")
         yield Toxiproxy(f"http://127.0.0.1:{port}")
     finally:
-        stop(proc)
+        stop_process(proc, 10)
 
 
 @dataclass

@@ -15,19 +15,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli
-from tests.faults.conftest import Faulty, assert_no_secret, files_of, small_overrides
+from tests.faults.conftest import Faulty, assert_no_secret, files_of, retries_logged, small_overrides
 
 pytestmark = pytest.mark.faults
 RESETS_HOLD_S = 3.0  # how long a burst of resets lasts: longer than botocore's own retries (< 1 s)
-
-
-def retries_logged(stderr: str) -> list[str]:
-    """The log lines of retries: botocore's attempts, s3transfer's body retries, our rounds."""
-    return [
-        line
-        for line in stderr.splitlines()
-        if "retrying" in line.lower() and ("clusterfit.s3" in line or "s3transfer" in line)
-    ]
 
 
 def assert_same_clusters(ours: Faulty, theirs: Faulty) -> None:
@@ -62,10 +53,8 @@ def error_line(stderr: str) -> str:
 def test_extract_retries_through_connection_resets_mid_upload(reference: Faulty, faulty: Faulty) -> None:
     # When the second chunk's part goes up, every connection is cut after 20 kB for a few seconds:
     # the next parts (about 100 kB each) break off mid-body.
-    faulty.front.on(
-        "PUT",
-        "/features/train/res5/part-00000-000001.npy",
-        action=lambda: faulty.toxiproxy.window("limit_data", RESETS_HOLD_S, stream="upstream", bytes=20_000),
+    faulty.burst(
+        "PUT", "/features/train/res5/part-00000-000001.npy", "limit_data", RESETS_HOLD_S, "upstream", bytes=20_000
     )
     proc = faulty.run("extract")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,8 +80,7 @@ def test_extract_stall_fails_naming_endpoint_and_object_then_resumes(reference: 
     done = [key for key in faulty.keys("features") if "_chunks/" in key]
     assert len(done) == 2, done  # chunks 0 and 1 were finished before the stall
 
-    faulty.toxiproxy.clear()
-    faulty.front.clear()
+    faulty.heal()
     rerun = faulty.run("extract")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"2 of this rank's 4 chunks already done; resuming at chunk 2", rerun.stderr), rerun.stderr
@@ -105,11 +93,7 @@ def test_extract_stall_fails_naming_endpoint_and_object_then_resumes(reference: 
 def test_cluster_reads_retry_through_bodies_cut_short(reference: Faulty, faulty: Faulty) -> None:
     faulty.copy_from(reference.prefix, "extract")
     # The first read of a feature part starts a burst in which every response breaks off after 30 kB.
-    faulty.front.on(
-        "GET",
-        "/features/train/res5/part-",
-        action=lambda: faulty.toxiproxy.window("limit_data", RESETS_HOLD_S, stream="downstream", bytes=30_000),
-    )
+    faulty.burst("GET", "/features/train/res5/part-", "limit_data", RESETS_HOLD_S, bytes=30_000)
     proc = faulty.run("cluster")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert retries_logged(proc.stderr), proc.stderr[-3000:]
@@ -121,7 +105,7 @@ def test_train_checkpoint_upload_waits_out_a_stall(reference: Faulty, faulty: Fa
     faulty.copy_from(reference.prefix, "extract", "cluster")
     # The first checkpoint's upload stalls for 4 s; with a 1 s read timeout every attempt in that
     # window times out, and the retry budget carries the step past it.
-    faulty.front.on("PUT", "/train/checkpoints/", action=lambda: faulty.toxiproxy.window("timeout", 4.0, timeout=0))
+    faulty.burst("PUT", "/train/checkpoints/", "timeout", 4.0, timeout=0)
     proc = faulty.run("train", **{"STORAGE.S3.READ_TIMEOUT_S": 1})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert retries_logged(proc.stderr), proc.stderr[-3000:]
@@ -142,8 +126,7 @@ def test_evaluate_report_upload_fails_clearly_and_a_rerun_finishes(reference: Fa
     assert faulty.proxy_url in error and f"{faulty.root}/eval/report.html" in error
     assert faulty.manifest("evaluate") is None
 
-    faulty.toxiproxy.clear()
-    faulty.front.clear()
+    faulty.heal()
     rerun = faulty.run("evaluate")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert files_of(faulty.manifest("evaluate")).keys() == files_of(reference.manifest("evaluate")).keys()

@@ -112,6 +112,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s; nothing when it already ended."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace_s)
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the test process dies, so no etcd outlives a killed pytest.
     (SIGKILL, not SIGTERM: both servers would get it at once, and a terminating kube-apiserver
@@ -487,11 +499,4 @@ class ControlPlane:
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 15.0) -> None:
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace_s)
+        stop_process(proc, grace_s)
