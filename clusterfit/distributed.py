@@ -35,8 +35,9 @@ class Dist:
         return self.ranks.is_main
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Dist:
-    """Join the process group described by env:// (gloo on CPU, nccl on CUDA); one process when unset."""
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Dist:
+    """Join the process group described by env:// (gloo on CPU, nccl on CUDA); one process when unset.
+    `timeout_s` (DISTRIBUTED.TIMEOUT_S) bounds the wait for the other ranks, here and in every collective."""
     ranks = ranks_from_env()
     with warnings.catch_warnings(record=True) as said:  # torch says why CUDA is unusable (an old driver) only here
         warnings.simplefilter("always")

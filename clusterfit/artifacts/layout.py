@@ -161,6 +161,8 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def pod_log(step: str, pod: str) -> str:
+    """The controller's copy of a step pod's log (the crashed container's, then the current one's), rewritten
+    while the step runs and when it ends: what `clusterfit logs` prints once the pod is gone."""
     return f"{LOGS}/{step}/{pod}.log"
 
 

@@ -80,7 +80,10 @@ class ControllerConfig(_Section):
     """KUBERNETES.CONTROLLER: how the controller follows the step jobs."""
 
     STEP_TIMEOUT_S: float = Field(
-        7 * 24 * 3600.0, gt=0, description="Give up on a step that has not finished after this long."
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Give up on a step that has not finished after this long; until then the controller outlasts "
+        "an API server that is unreachable or failing (a restart, an upgrade), however long.",
     )
     WATCH_TIMEOUT_S: int = Field(
         300,
@@ -102,7 +105,9 @@ class ControllerConfig(_Section):
     RETRY_TIMEOUT_S: float = Field(
         300.0,
         gt=0,
-        description="Give up when the API server keeps failing (429/5xx, unreachable) for this long in a row.",
+        description="How long one API call is retried while the API server keeps failing (429/5xx, unreachable) "
+        "before it fails: a command (status, logs, cancel, submit before its first step) then gives up; the "
+        "controller tries again, waiting up to BACKOFF_MAX_S between tries, until the step's STEP_TIMEOUT_S.",
     )
     POD_CHECK_INTERVAL_S: int = Field(
         10,
@@ -122,8 +127,21 @@ class ControllerConfig(_Section):
     )
     SAVE_LOGS: bool = Field(
         True,
-        description="Save each step's pod logs to <root>/logs/<step>/<pod>.log when the step ends (and a "
-        "crashed container's log as soon as it is seen).",
+        description="Save each step's pod logs to <root>/logs/<step>/<pod>.log while the step runs (every "
+        "LOG_SAVE_INTERVAL_S, and a crashed container's log as soon as it is seen) and when it ends: the operator "
+        "deletes a failed job's pods with their logs; `clusterfit logs` reads the saved copy once a pod is gone.",
+    )
+    LOG_SAVE_INTERVAL_S: float = Field(
+        60.0,
+        gt=0,
+        description="While a step runs, save its running pods' logs this often (checked every POD_CHECK_INTERVAL_S; "
+        "a log that did not change is not written again).",
+    )
+    LOG_MAX_BYTES: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Keep at most the last this many bytes of each container's log (the crashed one's and the "
+        "current one's) in the controller's memory and in the saved copy.",
     )
     VERIFY_OUTPUTS: bool = Field(
         True,
@@ -193,7 +211,14 @@ class KubernetesConfig(_Section):
     QUEUE_LABEL: str = Field(
         "kueue.x-k8s.io/queue-name", description="Label key that names the queue (Kueue's by default)."
     )
-    BACKOFF_LIMIT: int = Field(3, ge=0, description="runPolicy.backoffLimit: pod restarts before the step's job fails.")
+    BACKOFF_LIMIT: int = Field(
+        3,
+        ge=0,
+        description="runPolicy.backoffLimit: pod restarts before the step's job fails. The operator counts only "
+        "in-place restarts (OnFailure), summed over the pods: on several pods one lost pod costs a restart of "
+        "each. The controller also fails a step whose pods were restarted or recreated more often than this "
+        "(ExitCode).",
+    )
     ACTIVE_DEADLINE_SECONDS: int = Field(
         7 * 24 * 3600,
         ge=1,
@@ -206,10 +231,14 @@ class KubernetesConfig(_Section):
         description="runPolicy.ttlSecondsAfterFinished; empty: finished jobs stay (the controller treats a job that "
         "vanishes as lost).",
     )
-    RESTART_POLICY: Literal["OnFailure", "Never", "ExitCode", "Always"] = Field(
-        "OnFailure",
-        description="Replica restartPolicy; ExitCode restarts only on exit codes 128-255 (signals), failing at once "
-        "on errors.",
+    RESTART_POLICY: Literal["auto", "ExitCode", "OnFailure", "Never", "Always"] = Field(
+        "auto",
+        description="Replica restartPolicy. ExitCode: the operator recreates a pod that exited with 128 or more "
+        "(SIGTERM on preemption: 143) and fails the job at once on any other code (a real error). OnFailure: the "
+        "kubelet restarts the container on any error, BACKOFF_LIMIT times. auto: ExitCode for cluster and for "
+        "one-pod jobs; OnFailure for jobs of several pods of the torch steps, whose surviving ranks fail with an "
+        "ordinary error when a peer is lost. The controller fails a step whose container was OOMKilled under every "
+        "policy.",
     )
     CLEAN_POD_POLICY: Literal["Running", "All", "None"] = Field(
         "Running",

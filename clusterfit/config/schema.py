@@ -623,6 +623,14 @@ class DistributedConfig(Section):
     BACKEND: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU."
     )
+    TIMEOUT_S: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a rank waits for the others: to meet them (init_process_group; torchrun's rendezvous "
+        "across pods) and in each collective or barrier (rank 0 publishing while the others wait). When one pod "
+        "of a step restarts, its peers fail at their next collective (gloo at once, nccl after this long) and "
+        "restart too, and all wait up to this long to meet again; raise it when rank 0's publication takes longer.",
+    )
 
     @property
     def world_size(self) -> int:

@@ -77,6 +77,11 @@ def controller_schema() -> dict[str, Any]:
             },
             "extraVolumes": _objects("Extra volumes of the controller pod.", ["name"]),
             "extraVolumeMounts": _objects("Extra volumeMounts of the controller container.", ["name", "mountPath"]),
+            "rerun": {
+                "type": ["string", "integer"],
+                "description": "Any new value starts a new controller Job: how a failed experiment is retried once "
+                "its failed step's job is deleted (clusterfit cancel config=... STEP).",
+            },
         },
     )
 
@@ -97,7 +102,7 @@ def pod_values_schema() -> dict[str, Any]:
             "Seconds from SIGTERM to SIGKILL for step pods; null: the experiment's.", 0, nullable=True
         ),
         "nameOverride": _str("Replaces the chart name in the app.kubernetes.io/name label."),
-        "fullnameOverride": _str("Name of the controller Job and prefix of the chart's objects; empty: the release."),
+        "fullnameOverride": _str("Prefix of the chart's objects (the controller Job: <it>-<revision>)."),
         "global": {"type": "object", "description": "Values shared with a parent chart (unused)."},
     }
 

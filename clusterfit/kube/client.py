@@ -7,9 +7,10 @@
 Every call needs only the controller's Role (k8s/controller-rbac.yaml): pytorchjobs get, list,
 watch, create, delete, patch; pods get, list, watch; pods/log get; events get, list, watch;
 configmaps get; leases (coordination.k8s.io) get, create, update, delete. 429 and 5xx answers
-and dropped connections are retried with a doubling wait, bounded by ControllerConfig; every
-other refusal becomes a KubeError whose message is the API server's own, and a 403 names the
-verb and the resource that the Role would have to grant.
+and dropped connections are retried with a doubling wait for up to RETRY_TIMEOUT_S per call (the
+controller retries the call again after that, up to its step's STEP_TIMEOUT_S); every other
+refusal becomes a KubeError whose message is the API server's own, and a 403 names the verb and
+the resource that the Role would have to grant.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 import urllib3
@@ -29,6 +30,7 @@ from clusterfit.config import ControllerConfig
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+BATCH_JOB_LABEL = "batch.kubernetes.io/job-name"  # on the pods of a batch/v1 Job
 JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator labels each pod with its job
 RETRYABLE = {429, 500, 502, 503, 504}
 T = TypeVar("T")
@@ -97,11 +99,15 @@ def translate(exc: ApiException, verb: str, resource: str, namespace: str) -> Ku
 
 
 class Backoff:
-    """Doubling waits from BACKOFF_INITIAL_S up to BACKOFF_MAX_S; gives up after RETRY_TIMEOUT_S of failures in a
-    row."""
+    """Doubling waits from BACKOFF_INITIAL_S up to BACKOFF_MAX_S while the API server keeps failing. `wait` gives up
+    (raises the error) once failures have lasted RETRY_TIMEOUT_S in a row, or, given `until` (a time.monotonic()
+    deadline), only at that deadline: the controller outlasts an API server outage until its step's STEP_TIMEOUT_S."""
 
-    def __init__(self, settings: ControllerConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, settings: ControllerConfig, until: float | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self.settings = settings
+        self.until = until
         self.sleep = sleep
         self.first_failure: float | None = None
         self.delay_s = settings.BACKOFF_INITIAL_S
@@ -110,16 +116,38 @@ class Backoff:
         self.first_failure = None
         self.delay_s = self.settings.BACKOFF_INITIAL_S
 
-    def wait(self, error: KubeError, retry_after_s: float | None = None) -> None:
-        """Sleep before the next try, or raise `error` when failures have lasted too long."""
+    def wait(self, error: KubeError, retry_after_s: float | None = None, failing_since: float | None = None) -> None:
+        """Sleep before the next try, or raise `error` when failures have lasted too long. `failing_since`: when
+        the failures began (time.monotonic()), if earlier than this Backoff's first (Kube.failing_since)."""
         now = time.monotonic()
         self.first_failure = self.first_failure or now
-        if now - self.first_failure >= self.settings.RETRY_TIMEOUT_S:
+        give_up_at = self.until if self.until is not None else self.first_failure + self.settings.RETRY_TIMEOUT_S
+        if now >= give_up_at:
             raise error
-        delay = min(retry_after_s or self.delay_s, self.settings.BACKOFF_MAX_S)
-        log.warning("%s; retrying in %.1fs", error, delay)
+        delay = min(retry_after_s or self.delay_s, self.settings.BACKOFF_MAX_S, give_up_at - now)
+        failing_s = now - min(self.first_failure, failing_since or now)
+        log.warning("%s; failing for %.0fs, retrying in %.1fs", error, failing_s, delay)
         self.sleep(delay)
         self.delay_s = min(self.delay_s * 2, self.settings.BACKOFF_MAX_S)
+
+
+def last_bytes(chunks: Iterable[bytes], max_bytes: int) -> str:
+    """The text of `chunks`, cut to its last `max_bytes` bytes from a line start after a line saying how much was
+    left out. Memory stays within twice `max_bytes` and one chunk."""
+    kept, left_out = bytearray(), 0
+    for chunk in chunks:
+        kept += chunk
+        if len(kept) > 2 * max_bytes:  # trimmed in batches: a cut per chunk would copy max_bytes per chunk
+            left_out += len(kept) - max_bytes
+            del kept[: len(kept) - max_bytes]
+    if len(kept) > max_bytes:
+        left_out += len(kept) - max_bytes
+        del kept[: len(kept) - max_bytes]
+    if not left_out:
+        return kept.decode(errors="replace")
+    partial_line = kept.find(b"\n") + 1  # 0 when there is no line break: keep the cut line
+    left_out += partial_line
+    return f"[... {left_out} earlier bytes left out ...]\n" + kept[partial_line:].decode(errors="replace")
 
 
 def _retry_after_s(exc: ApiException) -> float | None:
@@ -139,24 +167,33 @@ class Kube:
         self.jobs = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        # time.monotonic() of the first failure (429/5xx, no connection) of the calls failing now; None after a success.
+        self.failing_since: float | None = None
 
-    def call(self, verb: str, resource: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` with the request timeout, retrying 429/5xx and dropped connections."""
-        backoff = Backoff(self.settings)
+    def call(
+        self, verb: str, resource: str, fn: Callable[..., T], *args: Any, retry_s: float | None = None, **kwargs: Any
+    ) -> T:
+        """`fn(*args, **kwargs)` with the request timeout, retrying 429/5xx and dropped connections for up to
+        `retry_s` (default RETRY_TIMEOUT_S; 0: one try)."""
+        until = None if retry_s is None else time.monotonic() + retry_s
+        backoff = Backoff(self.settings, until)
         while True:
             try:
-                return fn(*args, _request_timeout=self.settings.REQUEST_TIMEOUT_S, **kwargs)
+                result = fn(*args, _request_timeout=self.settings.REQUEST_TIMEOUT_S, **kwargs)
+                self.failing_since = None
+                return result
             except ApiException as exc:
                 error = translate(exc, verb, resource, self.namespace)
                 if not isinstance(error, Unreachable):
                     raise error from None
-                backoff.wait(error, _retry_after_s(exc))
+                retry_after_s = _retry_after_s(exc)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                backoff.wait(
-                    Unreachable(
-                        f"{verb} {resource}: cannot reach the API server at {self.api.configuration.host}: {exc}"
-                    )
-                )
+                host = self.api.configuration.host
+                error = Unreachable(f"{verb} {resource}: cannot reach the API server at {host}: {exc}")
+                retry_after_s = None
+            self.failing_since = self.failing_since or time.monotonic()
+            backoff.wait(error, retry_after_s, self.failing_since)
 
     def job_call(self, verb: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A CustomObjectsApi call on kubeflow.org/v1 pytorchjobs in the namespace."""
@@ -234,8 +271,11 @@ class Kube:
                 yield str(event["type"]), dict(event["raw_object"])
         except ApiException as exc:
             error = translate(exc, "watch", "pytorchjobs", self.namespace)
+            if exc.status == 0 or isinstance(error, Unreachable):
+                self.failing_since = self.failing_since or time.monotonic()
             raise (Unreachable(str(error), error.status) if exc.status == 0 else error) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self.failing_since = self.failing_since or time.monotonic()
             raise Unreachable(
                 f"watch pytorchjobs: the connection to {self.api.configuration.host} dropped: {exc}"
             ) from None
@@ -296,19 +336,6 @@ class Kube:
             self.call("create", "configmaps", self.core.create_namespaced_config_map, self.namespace, config_map)
         )
 
-    def replace_config_map(self, config_map: dict[str, Any]) -> dict[str, Any]:
-        name = config_map["metadata"]["name"]
-        return self.plain(
-            self.call(
-                "update",
-                "configmaps",
-                self.core.replace_namespaced_config_map,
-                name,
-                self.namespace,
-                config_map,
-            )
-        )
-
     def get_pod(self, name: str) -> dict[str, Any] | None:
         try:
             return self.plain(self.call("get", "pods", self.core.read_namespaced_pod, name, self.namespace))
@@ -338,22 +365,31 @@ class Kube:
         )
         return [self.plain(event) for event in events.items]
 
-    def read_log(self, pod: str, container: str, tail_lines: int | None = None, previous: bool = False) -> str:
-        """The container's log; `previous`: of its last terminated instance (before a restart)."""
+    def read_log(
+        self,
+        pod: str,
+        container: str,
+        tail_lines: int | None = None,
+        previous: bool = False,
+        *,
+        max_bytes: int | None = None,
+        retry_s: float | None = None,
+    ) -> str:
+        """The container's log; `previous`: of its last terminated instance (before a restart); `max_bytes`: only
+        its end, read as a stream so that a long log never sits in memory whole; `retry_s` as for `call`."""
         extra: dict[str, Any] = {"tail_lines": tail_lines} if tail_lines else {}
         if previous:
             extra["previous"] = True
-        return str(
-            self.call(
-                "get",
-                "pods/log",
-                self.core.read_namespaced_pod_log,
-                pod,
-                self.namespace,
-                container=container,
-                **extra,
-            )
-        )
+        args = ("get", "pods/log", self.core.read_namespaced_pod_log, pod, self.namespace)
+        if max_bytes is None:
+            return str(self.call(*args, container=container, retry_s=retry_s, **extra))
+        response = self.call(*args, container=container, retry_s=retry_s, _preload_content=False, **extra)
+        try:
+            return last_bytes(response.stream(64 * 1024), max_bytes)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Unreachable(f"get pods/log: reading the log of pod {pod} broke off: {exc}") from None
+        finally:
+            response.release_conn()
 
     def stream_log(self, pod: str, container: str) -> Iterator[str]:
         """The container's log, line by line, following it until the container ends."""
@@ -366,3 +402,21 @@ class Kube:
             raise translate(exc, "get", "pods/log", self.namespace) from None
         finally:
             watcher.stop()
+
+    # ---- the Helm chart's controller Jobs (batch/v1): only `clusterfit cancel` calls these ---------
+
+    def list_batch_jobs(self, label_selector: str) -> list[dict[str, Any]]:
+        jobs = self.call("list", "jobs", self.batch.list_namespaced_job, self.namespace, label_selector=label_selector)
+        return [self.plain(job) for job in jobs.items]
+
+    def suspend_batch_job(self, name: str) -> None:
+        """spec.suspend=true: the job controller deletes the Job's running pods and starts no new one."""
+        patch = {"spec": {"suspend": True}}
+        self.call("patch", "jobs", self.batch.patch_namespaced_job, name, self.namespace, patch)
+
+    def running_pods_of_batch_job(self, name: str) -> list[str]:
+        """Names of the Job's pods that have not ended (being deleted counts as not ended until they are gone)."""
+        selector = f"{BATCH_JOB_LABEL}={name}"
+        pods = self.call("list", "pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector)
+        ended = ("Succeeded", "Failed")
+        return [str(p.metadata and p.metadata.name) for p in pods.items if not p.status or p.status.phase not in ended]

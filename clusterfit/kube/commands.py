@@ -4,10 +4,10 @@
     clusterfit submit config=quickstart --wait               # after the controller that runs it now
     clusterfit submit config=quickstart --dry-run            # print the manifests, touch nothing
     clusterfit submit config=quickstart --server-dry-run     # the API server validates them, creates nothing
-    clusterfit submit --in-cluster config=/etc/clusterfit/config.yaml --owner-configmap exp-config  # the chart's Job
+    clusterfit submit --in-cluster config=/etc/clusterfit/config.yaml --owner-configmap exp-config-1a2b3c  # the chart
     clusterfit status config=quickstart
     clusterfit logs cluster config=quickstart --follow       # the master pod's `pytorch` container
-    clusterfit cancel config=quickstart [STEP] [--suspend]
+    clusterfit cancel config=quickstart [STEP] [--suspend]      # also stops the chart's controller Job first
 
 Connection flags everywhere: --kubeconfig, --context, --namespace (else KUBERNETES.NAMESPACE), --in-cluster.
 Exit codes: 0 done, 1 a step failed, the API server refused or another controller runs the experiment
@@ -29,11 +29,18 @@ import yaml
 
 from clusterfit.artifacts.layout import pod_log, step_folders
 from clusterfit.config import Config, config_from_args
-from clusterfit.kube.client import Kube, KubeError, load_api_client
-from clusterfit.kube.controller import Controller, ControllerError, joined_logs, step_done
+from clusterfit.kube.client import Conflict, Kube, KubeError, load_api_client
+from clusterfit.kube.controller import Controller, ControllerError, joined_logs, refuse_other_jobs, step_done
 from clusterfit.kube.lease import hold_experiment
-from clusterfit.kube.manifests import CONTAINER, ManifestError, build_all, build_config_map, job_name
-from clusterfit.kube.status import condition_text, master_pod, restarts, verdict
+from clusterfit.kube.manifests import (
+    CONTAINER,
+    EXPERIMENT_LABEL,
+    ManifestError,
+    build_all,
+    build_config_map,
+    job_name,
+)
+from clusterfit.kube.status import FINISHED, condition_text, master_pod, restarts, verdict
 from clusterfit.lease import LeaseError
 from clusterfit.storage import StorageError, Store, open_store
 
@@ -87,10 +94,6 @@ def guarded(command: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
 # ---- submit ------------------------------------------------------------------------------------
 
 
-def default_config_map_name(cfg: Config) -> str:
-    return f"{cfg.EXPERIMENT.NAME}-config"
-
-
 def owner_reference(config_map: dict[str, Any]) -> dict[str, Any]:
     """Jobs owned by the experiment's ConfigMap go when it goes (`helm uninstall`)."""
     meta = config_map["metadata"]
@@ -101,23 +104,29 @@ def ensure_config_map(kube: Kube, cfg: Config, owner_name: str | None) -> tuple[
     """The ConfigMap the step pods read their config from, and the ownerReference to it.
 
     With --owner-configmap (the chart) it must exist: the controller may only `get` ConfigMaps.
-    Without, it is created from this config, or updated when it holds another config.
+    Without, it is this config's immutable, content-addressed one (`manifests.config_map_name`), created
+    when absent; another config is another ConfigMap, so a job started earlier keeps reading its own.
     """
     if owner_name:
         found = kube.get_config_map(owner_name)
         if found is None:
             raise ControllerError(f"--owner-configmap {owner_name}: no such ConfigMap in namespace {kube.namespace}")
         return owner_name, owner_reference(found)
-    name = default_config_map_name(cfg)
-    desired = build_config_map(cfg, name)
+    desired = build_config_map(cfg)
+    name = desired["metadata"]["name"]
     found = kube.get_config_map(name)
     if found is None:
-        found = kube.create_config_map(desired)
-        log.info("created ConfigMap %s with the experiment's config", name)
-    elif found.get("data") != desired.get("data"):
-        desired["metadata"]["resourceVersion"] = found["metadata"]["resourceVersion"]
-        found = kube.replace_config_map(desired)
-        log.info("updated ConfigMap %s to this config", name)
+        try:
+            found = kube.create_config_map(desired)
+            log.info("created ConfigMap %s (immutable) with the experiment's config", name)
+        except Conflict:  # another submit of the same config created it meanwhile
+            found = kube.get_config_map(name)
+    if found is None or found.get("data") != desired["data"]:
+        raise ControllerError(
+            f"ConfigMap {name} holds another config.yaml than this config's, although its name carries the digest "
+            f"of its content (it was replaced by hand, or is being deleted): delete it (kubectl -n {kube.namespace} "
+            f"delete configmap {name}) and submit again"
+        )
     return name, owner_reference(found)
 
 
@@ -206,17 +215,18 @@ def cli_submit(argv: list[str]) -> int:
         help="when another controller runs the experiment (its Lease), wait until it ends instead of refusing",
     )
     ns, cfg, _ = parse(p, argv)
-    config_map_name = ns.owner_configmap or default_config_map_name(cfg)
     if ns.dry_run:
-        print_manifests(build_all(cfg, config_map_name=config_map_name))
+        print_manifests(build_all(cfg, config_map_name=ns.owner_configmap))
         return 0
     kube = connect(ns, cfg)
     if ns.server_dry_run:
-        jobs = [o for o in build_all(cfg, config_map_name=config_map_name) if o.get("kind") == "PyTorchJob"]
+        jobs = [o for o in build_all(cfg, config_map_name=ns.owner_configmap) if o.get("kind") == "PyTorchJob"]
         return server_dry_run(kube, jobs)
     with hold_experiment(kube, cfg, wait=ns.wait) as lease:
-        config_map_name, owner = ensure_config_map(kube, cfg, ns.owner_configmap)
         store = experiment_store(cfg)
+        if not ns.owner_configmap:
+            refuse_other_jobs(cfg, kube, store)
+        config_map_name, owner = ensure_config_map(kube, cfg, ns.owner_configmap)
         controller = Controller(cfg, kube, store, config_map_name=config_map_name, owner=owner, lease=lease)
         return follow_pipeline(controller, kube)
 
@@ -269,31 +279,34 @@ def wait_for_pod(kube: Kube, pod: str, poll_s: float = 2.0) -> None:
 
 @guarded
 def cli_logs(argv: list[str]) -> int:
-    """The master pod's log of a step (default: the latest step with a job); --follow streams it."""
+    """The master pod's log of a step (default: the latest step with a job); --follow streams it. Once the pod is
+    gone (deleted with its failed job, or by clean-up): the copy the controller saved while the step ran."""
     p = parser("logs", "print (or --follow) a step's master pod log")
     p.add_argument("--follow", "-f", action="store_true", help="wait for the pod, then stream its log")
     p.add_argument("--tail", type=int, default=None, help="only the last N lines")
     ns, cfg, words = parse(p, argv)
     kube = connect(ns, cfg)
-    existing = [(step, name) for step, name, job in step_jobs(cfg, kube, words) if job or words]
+    existing = [(step, name, job) for step, name, job in step_jobs(cfg, kube, words) if job or words]
     if not existing:
         raise ControllerError(f"experiment {cfg.EXPERIMENT.NAME} has no step jobs in namespace {kube.namespace}")
-    step, name = existing[-1]
+    step, name, job = existing[-1]
     pod = master_pod(name)
-    if ns.follow:
+    found = kube.get_pod(pod)
+    if ns.follow and (found is not None or (job is not None and verdict(job) not in FINISHED)):
         wait_for_pod(kube, pod)
         for line in kube.stream_log(pod, CONTAINER):
             print(line, flush=True)
         return 0
-    found = kube.get_pod(pod)
-    if found is None:  # gone: the copy the controller saved, if any
-        store = experiment_store(cfg)
-        if store.exists(pod_log(step, pod)):
-            print(store.get_bytes(pod_log(step, pod)).decode(errors="replace"), end="")
-            return 0
-        raise ControllerError(
-            f"pod {pod} does not exist (yet, or any more) and no saved log is at {store.uri(pod_log(step, pod))}"
-        )
+    if found is None:  # gone, or not coming: the copy the controller saved while the step ran
+        store, key = experiment_store(cfg), pod_log(step, pod)
+        if not store.exists(key):
+            raise ControllerError(
+                f"pod {pod} does not exist (yet, or any more) and no saved log is at {store.uri(key)}"
+            )
+        print(f"pod {pod} is gone; its log as the controller saved it at {store.uri(key)}:", file=sys.stderr)
+        lines = store.get_bytes(key).decode(errors="replace").splitlines(keepends=True)
+        print("".join(lines[-ns.tail :] if ns.tail else lines), end="")
+        return 0
     text = kube.read_log(pod, CONTAINER, tail_lines=ns.tail)
     if restarts(found):  # the crash is what one looks for: the log of the container before the restart
         text = joined_logs(kube.read_log(pod, CONTAINER, tail_lines=ns.tail, previous=True), text)
@@ -301,14 +314,42 @@ def cli_logs(argv: list[str]) -> int:
     return 0
 
 
+def stop_controllers(kube: Kube, cfg: Config, timeout_s: float = 180.0, poll_s: float = 1.0) -> int:
+    """Suspend the Helm chart's controller Jobs of the experiment (label EXPERIMENT_LABEL) and wait until their
+    pods are gone: a controller left running would create a deleted step job again. Returns how many it stopped."""
+    stopped = []
+    for job in kube.list_batch_jobs(f"{EXPERIMENT_LABEL}={cfg.EXPERIMENT.NAME}"):
+        name, spec = job["metadata"]["name"], job.get("spec") or {}
+        finished = any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in (job.get("status") or {}).get("conditions") or []
+        )
+        if finished or spec.get("suspend"):
+            continue
+        kube.suspend_batch_job(name)
+        print(f"suspended the controller Job {name}: it starts no further step")
+        stopped.append(name)
+    deadline = time.monotonic() + timeout_s
+    for name in stopped:
+        while kube.running_pods_of_batch_job(name):
+            if time.monotonic() > deadline:
+                raise ControllerError(
+                    f"the controller Job {name} is suspended but its pod still runs after {timeout_s:.0f}s; delete "
+                    f"it (kubectl -n {kube.namespace} delete job {name}) and cancel again"
+                )
+            time.sleep(poll_s)
+    return len(stopped)
+
+
 @guarded
 def cli_cancel(argv: list[str]) -> int:
-    """Delete (or --suspend) the experiment's unfinished or failed step jobs; with a STEP, that step's job."""
-    p = parser("cancel", "delete (or --suspend) the experiment's running step jobs")
+    """Stop the chart's controller Job, then delete (or --suspend) the experiment's unfinished or failed step
+    jobs; with a STEP, that step's job."""
+    p = parser("cancel", "stop the experiment's controller and delete (or --suspend) its running step jobs")
     p.add_argument("--suspend", action="store_true", help="set runPolicy.suspend=true instead of deleting")
     ns, cfg, words = parse(p, argv)
     kube = connect(ns, cfg)
-    acted = 0
+    acted = 0 if words else stop_controllers(kube, cfg)
     for _, name, job in step_jobs(cfg, kube, words):
         state = verdict(job) if job else "absent"
         if job is None or (not words and state == "Succeeded") or (ns.suspend and state in ("Succeeded", "Failed")):

@@ -9,7 +9,9 @@ Decisions are pure functions of the objects the API server returns (`kube.status
 True (Failed checked first); a job that disappears after it was seen is lost, never a success. A
 pod that cannot start fails the step after POD_START_TIMEOUT_S. The experiment's Lease
 (clusterfit/kube/lease.py) keeps a second controller out; one that lost it starts nothing more.
-Imports neither torch nor faiss.
+An API server that is unreachable or failing (a restart, an upgrade) pauses the controller, with a
+warning every try, until the step's STEP_TIMEOUT_S. The pods' logs are saved while the step runs
+(the operator deletes a failed job's pods, and their logs with them). Imports neither torch nor faiss.
 """
 
 from __future__ import annotations
@@ -17,21 +19,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from clusterfit.artifacts.layout import MANIFEST, pod_log, step_folders
 from clusterfit.config import Config
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
-from clusterfit.kube.manifests import CONTAINER, build_step_job
+from clusterfit.kube.manifests import CONTAINER, build_step_job, job_name
 from clusterfit.kube.status import (
     FINISHED,
+    Retries,
     condition_text,
     container_problems,
     crashed,
+    exit_events,
     master_pod,
+    oom_hint,
     pod_problems,
     restarts,
+    retry_problem,
     spec_hash_of,
     start_problems,
     verdict,
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from clusterfit.lease import Lease
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESTART_MARK = "\n---- the container restarted; the log of the new one follows ----\n"
 
@@ -75,6 +83,21 @@ def plan(existing: dict[str, Any] | None, desired: dict[str, Any]) -> str:
     )
 
 
+def refuse_other_jobs(cfg: Config, kube: Kube, store: Store) -> None:
+    """Before anything is created: raise ControllerError when a step still to run has a job of another spec
+    (what `Controller.start` would find only when it reaches that step, after a ConfigMap was made for nothing)."""
+    for step in cfg.PIPELINE.STEPS:
+        if step_done(store, step_folders(cfg, step)):
+            continue
+        existing = kube.get_job(job_name(cfg, step))
+        if existing is not None and not existing["metadata"].get("deletionTimestamp"):
+            plan(existing, build_step_job(cfg, step, config_map_name=""))
+
+
+def name_of(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
 def step_done(store: Store, folders: list[str]) -> bool:
     """All the step's folders hold their `_SUCCESS.json` (what `clusterfit run` skips on, too)."""
     return bool(folders) and all(store.exists(f"{folder}/{MANIFEST}") for folder in folders)
@@ -88,7 +111,10 @@ class StepPods:
     stuck_since: dict[tuple[str, str], float] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     crash_logs: dict[str, str] = field(default_factory=dict)  # pod -> log of its last crashed container
+    logs: dict[str, str] = field(default_factory=dict)  # pod -> its log as last read (crashed container's first)
+    logs_read_at: float = float("-inf")  # time.monotonic() of the last reading of the running pods' logs
     problems: list[str] = field(default_factory=list)  # OOMKilled, exit codes, ... in the order seen
+    retries: Retries = field(default_factory=Retries)  # pods recreated and restarted (kube/status.py)
 
     def note(self, found: list[str]) -> None:
         self.problems += [p for p in found if p not in self.problems]
@@ -130,12 +156,12 @@ class Controller:
             if step_done(self.store, step_folders(self.cfg, step)):
                 log.info("step %s: already done (its %s exists): skipped", step, MANIFEST)
                 continue
-            self.check_lease()
-            job = self.start(step)
+            deadline = time.monotonic() + self.settings.STEP_TIMEOUT_S
+            job = self.outlast(deadline, self.start, step)
             self.current = job["metadata"]["name"]
             seen = StepPods()
-            job = self.follow(step, job, seen)
-            logs = self.save_logs(step, job, seen)
+            job = self.follow(step, job, seen, deadline)
+            logs = self.outlast(deadline, self.save_logs, step, job, seen)
             if verdict(job) == "Failed":
                 raise ControllerError(self.failure_report(step, job, logs, seen))
             self.check_outputs(step, job)
@@ -144,15 +170,32 @@ class Controller:
         log.info("experiment %s: all steps done; artifacts under %s", self.cfg.EXPERIMENT.NAME, self.store.uri(""))
 
     def check_lease(self) -> None:
-        """Raises LeaseLost once another controller has taken the experiment over (it adopts the running job)."""
+        """Raises LeaseLost once another controller has taken the experiment over (it adopts the running job), and
+        Unreachable while renewals fail (an API server outage; kube/lease.py's ControllerLease)."""
         if self.lease is not None:
             self.lease.check()
 
+    def outlast(self, deadline: float, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, tried again while the API server is unreachable or failing, until `deadline` (the step's
+        STEP_TIMEOUT_S): an outage of the API server pauses the controller instead of ending the pipeline."""
+        backoff = Backoff(self.settings, until=deadline)
+        while True:
+            try:
+                return fn(*args)
+            except Unreachable as exc:
+                if time.monotonic() >= deadline:
+                    raise ControllerError(
+                        f"{exc}; giving up: the step's time (KUBERNETES.CONTROLLER.STEP_TIMEOUT_S="
+                        f"{self.settings.STEP_TIMEOUT_S:.0f}) has run out"
+                    ) from None
+                backoff.wait(exc, failing_since=self.kube.failing_since)
+
     def start(self, step: str) -> dict[str, Any]:
-        """Create the step's job, or adopt the identical one that already exists."""
+        """Create the step's job, or adopt the identical one that already exists (once the Lease is confirmed)."""
+        self.check_lease()
         desired = build_step_job(self.cfg, step, config_map_name=self.config_map_name, owner=self.owner)
         name = desired["metadata"]["name"]
-        existing = self.kube.get_job(name)
+        existing = self.outlive(self.kube.get_job(name))
         if plan(existing, desired) == "create":
             try:
                 created = self.kube.create_job(desired)
@@ -165,25 +208,57 @@ class Controller:
                         f"PyTorchJob {name} appeared and vanished while creating it; submit again"
                     ) from None
         assert existing is not None
+        if ((existing.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
+            raise ControllerError(
+                f"PyTorchJob {name} is suspended (by clusterfit cancel --suspend, or by a controller that stopped its "
+                f"retries): resume it (kubectl -n {self.kube.namespace} patch pytorchjob {name} --type merge -p "
+                f'\'{{"spec":{{"runPolicy":{{"suspend":false}}}}}}\') or delete it (clusterfit cancel '
+                f"config=... {step}), then submit again"
+            )
         log.info("step %s: adopted the existing PyTorchJob %s (same spec), now %s", step, name, verdict(existing))
         return existing
 
-    def follow(self, step: str, job: dict[str, Any], seen: StepPods) -> dict[str, Any]:
-        """Watch the job until Failed or Succeeded; list again on 410 and after a dropped connection.
-        Every POD_CHECK_INTERVAL_S, look at its pods: fail the step when one cannot start for
-        POD_START_TIMEOUT_S, and keep the log of every container that crashed."""
+    def outlive(self, job: dict[str, Any] | None, poll_s: float = 1.0) -> dict[str, Any] | None:
+        """`job`, or None once it is gone when it is on its way out: being deleted, or owned by a ConfigMap that
+        no longer exists (`helm upgrade` to another config deleted the old one; the garbage collector deletes
+        its jobs next). Waits up to POD_START_TIMEOUT_S; then the job is judged as it is."""
+        deadline = time.monotonic() + self.settings.POD_START_TIMEOUT_S
+        announced = False
+        while job is not None and self.departing(job) and time.monotonic() < deadline:
+            if not announced:
+                log.info("PyTorchJob %s belongs to a config that is gone: waiting until it is deleted", name_of(job))
+                announced = True
+            time.sleep(poll_s)
+            job = self.kube.get_job(name_of(job))
+        return job
+
+    def departing(self, job: dict[str, Any]) -> bool:
+        meta = job["metadata"]
+        if meta.get("deletionTimestamp"):
+            return True
+        for owner in meta.get("ownerReferences") or []:
+            if owner.get("kind") == "ConfigMap":
+                found = self.kube.get_config_map(owner["name"])
+                if found is None or found["metadata"].get("uid") != owner.get("uid"):
+                    return True
+        return False
+
+    def follow(self, step: str, job: dict[str, Any], seen: StepPods, deadline: float) -> dict[str, Any]:
+        """Watch the job until Failed or Succeeded; list again on 410 and after a dropped connection, and
+        keep trying while the API server is unreachable, until `deadline`. Every POD_CHECK_INTERVAL_S, look
+        at its pods: fail the step when one cannot start for POD_START_TIMEOUT_S, keep the log of every
+        container that crashed, and save the pods' logs every LOG_SAVE_INTERVAL_S."""
         name = job["metadata"]["name"]
-        deadline = time.monotonic() + self.settings.STEP_TIMEOUT_S
-        backoff = Backoff(self.settings)
+        backoff = Backoff(self.settings, until=deadline)
         state = self.announce(job, "")
         while state not in FINISHED:
-            self.check_lease()
             if time.monotonic() > deadline:
                 raise ControllerError(
                     f"PyTorchJob {name} did not finish within {self.settings.STEP_TIMEOUT_S:.0f}s "
                     f"(KUBERNETES.CONTROLLER.STEP_TIMEOUT_S); it is still {state}"
                 )
             try:
+                self.check_lease()
                 items, resource_version = self.kube.list_jobs(name=name)
                 job = self.same_job(items[0] if items else None, job)
                 state = self.announce(job, state)
@@ -195,7 +270,7 @@ class Controller:
             except Gone:
                 log.info("PyTorchJob %s: watch expired (410 Gone); listing again", name)
             except Unreachable as exc:
-                backoff.wait(exc)
+                backoff.wait(exc, failing_since=self.kube.failing_since)
         return job
 
     def watch(self, job: dict[str, Any], resource_version: str, deadline: float) -> dict[str, Any]:
@@ -260,51 +335,85 @@ class Controller:
         seen.stuck_since = {key: seen.stuck_since.get(key, now) for key in problems}
         for key, since in seen.stuck_since.items():
             if now - since >= self.settings.POD_START_TIMEOUT_S:
-                raise ControllerError(self.start_failure(step, job, problems[key], now - since, pods))
+                report = self.start_failure(step, job, problems[key], now - since, pods)
+                raise ControllerError(f"{report}\n{self.halt(step, job)}")
         for pod in pods:
             name = pod["metadata"]["name"]
             if restarts(pod) > seen.restarts.get(name, 0) or (crashed(pod) and name not in seen.crash_logs):
                 seen.note(list(container_problems(name, pod.get("status") or {})))
                 self.keep_crash_log(step, name, previous=not crashed(pod), seen=seen)
             seen.restarts[name] = restarts(pod)
+        self.save_running_logs(step, pods, seen)
+        seen.retries.see(pods)
+        memory = getattr(self.cfg.KUBERNETES.RESOURCES, step.upper()).MEMORY
+        problem = retry_problem(step, pods, seen.retries, self.cfg.KUBERNETES.BACKOFF_LIMIT, memory)
+        if problem:
+            raise ControllerError(f"{self.retry_failure(step, job, problem, pods, seen)}\n{self.halt(step, job)}")
 
     def keep_crash_log(self, step: str, pod: str, previous: bool, seen: StepPods) -> None:
         """The log of the pod's crashed container (the instance before its restart when `previous`)."""
         try:
-            seen.crash_logs[pod] = self.kube.read_log(pod, CONTAINER, previous=previous)
+            text = self.kube.read_log(pod, CONTAINER, previous=previous, max_bytes=self.settings.LOG_MAX_BYTES)
         except KubeError as exc:
             log.warning("step %s: cannot read the log of crashed pod %s: %s", step, pod, exc)
             return
-        self.put_log(step, pod, seen.crash_logs[pod])
+        seen.crash_logs[pod] = text
+        self.save_log(step, pod, seen)  # with the new container's log after it, once it has written some
 
-    def put_log(self, step: str, pod: str, text: str) -> None:
+    def save_running_logs(self, step: str, pods: list[dict[str, Any]], seen: StepPods) -> None:
+        """Every LOG_SAVE_INTERVAL_S, save the log of each pod whose container has started. One try each: a
+        kubelet the API server cannot reach must not hold up following the job."""
+        now = time.monotonic()
+        if not self.settings.SAVE_LOGS or now - seen.logs_read_at < self.settings.LOG_SAVE_INTERVAL_S:
+            return
+        seen.logs_read_at = now
+        for pod in pods:
+            if (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
+                self.save_log(step, pod["metadata"]["name"], seen, retry_s=0)
+
+    def save_log(self, step: str, pod: str, seen: StepPods, retry_s: float | None = None) -> None:
+        """Read the pod's log, after its crashed container's when there was a crash, into `seen.logs`, and save it
+        when it changed."""
+        try:
+            current = self.kube.read_log(pod, CONTAINER, max_bytes=self.settings.LOG_MAX_BYTES, retry_s=retry_s)
+        except KubeError as exc:
+            log.warning("step %s: cannot read the log of pod %s: %s", step, pod, exc)
+            return
+        text = joined_logs(seen.crash_logs.get(pod, ""), current)
+        if text != seen.logs.get(pod):
+            self.put_log(step, pod, text, again=pod in seen.logs)
+            seen.logs[pod] = text
+
+    def put_log(self, step: str, pod: str, text: str, again: bool = False) -> None:
+        """Save the log to <root>/logs/<step>/<pod>.log (announced the first time, `again` False)."""
         if not self.settings.SAVE_LOGS:
             return
         try:
             self.store.put_bytes(pod_log(step, pod), text.encode())
-            log.info("step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
         except StorageError as exc:
             log.warning("step %s: cannot save the log of pod %s: %s", step, pod, exc)
+            return
+        level = logging.DEBUG if again else logging.INFO
+        log.log(level, "step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
 
     def save_logs(self, step: str, job: dict[str, Any], seen: StepPods) -> dict[str, str]:
         """Every pod's log, also saved to <root>/logs/<step>/<pod>.log before clean-up or TTL removes the
-        pods: the current container's, after the last crashed one's when there was a crash."""
-        logs = dict(seen.crash_logs)  # pods the operator has deleted keep what was seen of them
+        pods: the current container's, after the last crashed one's when there was a crash. Raises
+        Unreachable when the pods cannot be listed (the caller tries again)."""
+        logs = {**seen.crash_logs, **seen.logs}  # pods the operator has deleted keep what was seen of them
         try:
             pods = self.kube.list_pods(job["metadata"]["name"])
+        except Unreachable:
+            raise
         except KubeError as exc:
             log.warning("step %s: cannot list its pods to save their logs: %s", step, exc)
             return logs
         for pod in pods:
             name = pod["metadata"]["name"]
             seen.note(list(container_problems(name, pod.get("status") or {})))
-            try:
-                current = self.kube.read_log(name, CONTAINER)
-            except KubeError as exc:
-                log.warning("step %s: cannot read the log of pod %s: %s", step, name, exc)
-                continue
-            logs[name] = joined_logs(seen.crash_logs.get(name, ""), current)
-            self.put_log(step, name, logs[name])
+            self.save_log(step, name, seen)
+            if name in seen.logs:
+                logs[name] = seen.logs[name]
         return logs
 
     def failure_report(self, step: str, job: dict[str, Any], logs: dict[str, str], seen: StepPods) -> str:
@@ -341,11 +450,44 @@ class Controller:
         ]
         events = [e for obj in [name, *(p["metadata"]["name"] for p in pods)] for e in self.kube.list_events(obj)]
         lines += [f"  {p}" for p in pod_problems(pods, events, self.settings.MAX_EVENTS)]
-        lines.append(
-            "  the job is kept for inspection; fix the cause (image, resources, node selector), delete the job "
-            "(clusterfit cancel config=...) and submit again"
-        )
+        lines.append("  fix the cause (image, resources, node selector)")
         return "\n".join(lines)
+
+    def retry_failure(
+        self, step: str, job: dict[str, Any], problem: str, pods: list[dict[str, Any]], seen: StepPods
+    ) -> str:
+        """Why the step fails although the operator would retry it again (an OOMKilled container, too many
+        retries): what was seen of the pods, the exit codes the operator saw, the master's log."""
+        name = job["metadata"]["name"]
+        lines = [f"step {step} failed: PyTorchJob {name}: {problem}"]
+        try:
+            events = [e for obj in [name, *(p["metadata"]["name"] for p in pods)] for e in self.kube.list_events(obj)]
+        except KubeError as exc:
+            events = []
+            lines.append(f"  (cannot read the events: {exc})")
+        hint = oom_hint(step, getattr(self.cfg.KUBERNETES.RESOURCES, step.upper()).MEMORY)
+        found = [*seen.problems, *exit_events(events, hint), *pod_problems(pods, events, self.settings.MAX_EVENTS)]
+        lines += [f"  {p}" for p in dict.fromkeys(found)]
+        seen_logs = {pod: text for pod, text in {**seen.crash_logs, **seen.logs}.items() if text}
+        lines += self.log_tail(master_pod(name), seen_logs)
+        return "\n".join(lines)
+
+    def halt(self, step: str, job: dict[str, Any]) -> str:
+        """Suspend a job the operator would go on retrying (or waiting for) until activeDeadlineSeconds: the
+        operator deletes its pods; the job stays for inspection, its logs saved. Returns what to do next."""
+        name = job["metadata"]["name"]
+        try:
+            self.kube.patch_job(name, {"spec": {"runPolicy": {"suspend": True}}})
+        except KubeError as exc:
+            return (
+                f"  (cannot suspend PyTorchJob {name}: {exc}); the operator retries it until activeDeadlineSeconds: "
+                f"delete it (clusterfit cancel config=... {step}), fix the cause and submit again"
+            )
+        log.info("step %s: suspended PyTorchJob %s: no more retries", step, name)
+        return (
+            f"  PyTorchJob {name} is suspended (no more retries) and kept for inspection: delete it (clusterfit cancel "
+            f"config=... {step}), fix the cause and submit again"
+        )
 
     def log_tail(self, pod: str, logs: dict[str, str]) -> list[str]:
         count = self.settings.LOG_TAIL_LINES

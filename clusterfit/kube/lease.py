@@ -10,6 +10,11 @@ delete with that resourceVersion as its precondition. `spec.holderIdentity` is t
 `renewTime` + `leaseDurationSeconds` its expiry, as for node and leader-election Leases; the owner
 (host, pid, user, command) is in an annotation, for the message a second controller prints.
 `kubectl get lease -n <namespace>` shows the holder. The step pods take no lease of their own.
+
+Unlike a lease at the experiment root, the Lease is not given up when renewals fail because the API
+server is unreachable: the controller acts only through that API server, so while it cannot renew
+nothing it would do can happen either. It waits (`ControllerLease.check` raises Unreachable) until
+a renewal succeeds, and goes on, or finds the Lease taken over by another controller, and stops.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from clusterfit.config import Config
-from clusterfit.kube.client import Conflict, Kube, KubeError
+from clusterfit.kube.client import Conflict, Kube, KubeError, Unreachable
 from clusterfit.kube.manifests import labels
-from clusterfit.lease import Lease, Owner, Record, unix
+from clusterfit.lease import TRUSTED_FRACTION, Lease, LeaseLost, Owner, Record, unix
 
 OWNER_ANNOTATION = "clusterfit.io/owner"
 
@@ -109,11 +115,30 @@ class KubeSlot:
         return self.kube.delete_lease(self.name, token)
 
 
+class ControllerLease(Lease):
+    """The controller's hold on the Lease: the heartbeat renews it as for any lease, but renewals that fail for
+    longer than the lease lasts do not lose it (see the module docstring)."""
+
+    def check(self) -> None:
+        """Raise LeaseLost once the Lease was taken over (or deleted); raise Unreachable while renewals have failed
+        for so long that it may have expired (the caller waits and asks again). No I/O."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        now = time.monotonic()
+        if now > self._valid_until:
+            unrenewed_s = now - self._valid_until + self.ttl_s * TRUSTED_FRACTION
+            why = self._last_error or "renewals did not finish"
+            raise Unreachable(
+                f"{self.slot.where}: not renewed for {unrenewed_s:.0f}s ({why}); waiting for a renewal to say "
+                "whether this controller still holds it"
+            )
+
+
 @contextlib.contextmanager
 def hold_experiment(kube: Kube, cfg: Config, *, wait: bool = False) -> Iterator[Lease]:
     """Hold the experiment's Lease for the block: acquire it (refusing, or waiting), release it at the end."""
     slot = KubeSlot(kube, lease_name(cfg), labels(cfg, "controller"))
-    lease = Lease(slot, float(cfg.KUBERNETES.CONTROLLER.LEASE_DURATION_S)).acquire(wait)
+    lease = ControllerLease(slot, float(cfg.KUBERNETES.CONTROLLER.LEASE_DURATION_S)).acquire(wait)
     try:
         yield lease
     finally:

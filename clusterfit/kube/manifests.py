@@ -2,10 +2,13 @@
 kubeflow.org/v1 PyTorchJob per step.
 
     from clusterfit.kube.manifests import build_all
-    objects = build_all(cfg, config_map_name="quickstart-config")   # [ConfigMap, PyTorchJob, ...]
+    objects = build_all(cfg)   # [ConfigMap quickstart-config-<digest>, PyTorchJob, ...]
 
 Pure functions: no I/O, no API calls. `clusterfit render` writes what they return for `kubectl
-apply`; the controller creates the same jobs one step at a time. `validate_job` repeats, client
+apply`; the controller creates the same jobs one step at a time. The ConfigMap is immutable and
+named after its content; a job records the digest of only the config keys its step reads
+(clusterfit.config.reads), and its spec hash leaves out its owner and the ConfigMap's name, so a
+rendered job, or one started before an edit to a key its step does not read, is adopted. `validate_job` repeats, client
 side, the rules the training operator's admission webhook enforces, so a bad job fails here with a
 message naming the field instead of at the API server.
 """
@@ -21,6 +24,7 @@ from typing import Any
 from clusterfit import __version__
 from clusterfit.config import STEPS, Config, to_yaml
 from clusterfit.config.kubernetes import CREDENTIAL_ENV
+from clusterfit.config.reads import step_config_hash
 from clusterfit.errors import UserError
 from clusterfit.runtime import GPUS_ENV
 
@@ -30,8 +34,13 @@ PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's defaults; MASTER_PO
 CONFIG_DIR = "/etc/clusterfit"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 HASH_ANNOTATION = "clusterfit.io/spec-hash"
-# The config lives in the ConfigMap, not the job: its digest on the job makes a changed config a changed job.
-CONFIG_HASH_ANNOTATION = "clusterfit.io/config-hash"
+# The config lives in the ConfigMap, not the job: the digest of the keys its step reads, on the job, makes a
+# change to one of them a changed job (and an edit elsewhere no change).
+STEP_CONFIG_ANNOTATION = "clusterfit.io/step-config-hash"
+CONFIG_DIGEST_ANNOTATION = "clusterfit.io/config-sha256"  # the ConfigMap's: sha256 of its config.yaml
+CONFIG_VOLUME = "config"
+# On the Helm chart's controller Job: `clusterfit cancel` finds (and suspends) it by the experiment's name.
+EXPERIMENT_LABEL = "clusterfit.io/experiment"
 MAX_JOB_NAME = 50  # pods are <job>-worker-<i> and services share the name: keep room under 63
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 REPLICA_TYPES = ("Master", "Worker")
@@ -95,24 +104,43 @@ def procs_per_pod(cfg: Config, step: str) -> int:
 
 
 def step_command(cfg: Config, step: str) -> list[str]:
-    """The container command. With several processes per pod, torchrun starts them: the operator
-    sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads as its defaults.
+    """The container command: the step under clusterfit.launch, which exits 143 on SIGTERM (a retryable code
+    for restartPolicy ExitCode) where torchrun would exit 1. With several processes per pod, torchrun starts
+    them: the operator sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads as its
+    defaults; its rendezvous across pods waits DISTRIBUTED.TIMEOUT_S, as init_process_group does.
     --no-lease: the controller holds the experiment (its Lease), and a pod the kubelet or the operator
     restarts must just continue, not wait for its dead predecessor's lease of the artifact root to expire."""
     step_args = [step, f"config={CONFIG_PATH}", "--no-lease"]
+    launch = ["python", "-m", "clusterfit.launch"]
     nproc = procs_per_pod(cfg, step)
     if nproc == 1:
-        return ["clusterfit", *step_args]
+        return [*launch, "clusterfit", *step_args]
     return [
-        "python",
-        "-m",
-        "torch.distributed.run",
+        *launch,
+        "torchrun",
         f"--nnodes={cfg.DISTRIBUTED.NUM_NODES}",
         f"--nproc-per-node={nproc}",
+        f"--rdzv-conf=timeout={max(1, round(cfg.DISTRIBUTED.TIMEOUT_S))}",
         "-m",
         "clusterfit",
         *step_args,
     ]
+
+
+def restart_policy(cfg: Config, step: str) -> str:
+    """The replicas' restartPolicy: KUBERNETES.RESTART_POLICY, where `auto` chooses per step.
+
+    ExitCode where a lost pod fails nobody else: the training operator then recreates a pod stopped by
+    a signal (preemption: 143) and fails the job at once on an error (1, 2). That is the cluster step
+    (its ranks meet through storage) and any job of one pod. A torch step on several pods gets OnFailure:
+    when one pod goes, the others' collectives fail with an ordinary error (exit 1), which must be retried
+    too; the kubelet restarts them in place, BACKOFF_LIMIT times. Under ExitCode the operator never counts
+    toward backoffLimit (it counts in-place restarts only) and recreates an OOMKilled pod (137) until
+    activeDeadlineSeconds: the controller stops such a step (kube/status.py, `retry_problem`)."""
+    chosen = cfg.KUBERNETES.RESTART_POLICY
+    if chosen != "auto":
+        return chosen
+    return "ExitCode" if step == "cluster" or num_workers(cfg) == 0 else "OnFailure"
 
 
 def container_env(cfg: Config) -> list[dict[str, Any]]:
@@ -170,7 +198,7 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "resources": step_resources(cfg, step),
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             *copy.deepcopy(kube.VOLUME_MOUNTS),
         ],
@@ -179,7 +207,7 @@ def pod_template(cfg: Config, step: str, config_map_name: str) -> dict[str, Any]
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name}},
+            {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": kube.SHM_SIZE}},
             *copy.deepcopy(kube.VOLUMES),
         ],
@@ -247,19 +275,19 @@ def build_step_job(
     kube = cfg.KUBERNETES
     name = job_name(cfg, step)
     template = pod_template(cfg, step, config_map_name)
-    replicas = {"Master": {"replicas": 1, "restartPolicy": kube.RESTART_POLICY, "template": template}}
+    policy = restart_policy(cfg, step)
+    replicas = {"Master": {"replicas": 1, "restartPolicy": policy, "template": template}}
     if num_workers(cfg) > 0:
         replicas["Worker"] = {
             "replicas": num_workers(cfg),
-            "restartPolicy": kube.RESTART_POLICY,
+            "restartPolicy": policy,
             "template": copy.deepcopy(template),
         }
-    config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": kube.NAMESPACE,
         "labels": labels(cfg, step),
-        "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+        "annotations": {STEP_CONFIG_ANNOTATION: step_config_hash(cfg, step)},
     }
     if kube.QUEUE_NAME:
         metadata["labels"][kube.QUEUE_LABEL] = kube.QUEUE_NAME
@@ -280,28 +308,52 @@ def build_step_job(
     return job
 
 
-def build_config_map(cfg: Config, name: str) -> dict[str, Any]:
-    """The ConfigMap whose `config.yaml` is the resolved experiment config every step reads."""
+def config_digest(cfg: Config) -> str:
+    """sha256 of the config.yaml every step reads."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()
+
+
+def config_map_name(cfg: Config) -> str:
+    """`<experiment>-config-<10 hex digits of its digest>`: another config is another ConfigMap."""
+    return f"{cfg.EXPERIMENT.NAME}-config-{config_digest(cfg)[:10]}"
+
+
+def build_config_map(cfg: Config, name: str | None = None) -> dict[str, Any]:
+    """The immutable ConfigMap whose `config.yaml` is the resolved experiment config every step reads:
+    a pod restarted later reads what its job was created with."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": cfg.KUBERNETES.NAMESPACE, "labels": labels(cfg, "config")},
+        "metadata": {
+            "name": name or config_map_name(cfg),
+            "namespace": cfg.KUBERNETES.NAMESPACE,
+            "labels": labels(cfg, "config"),
+            "annotations": {CONFIG_DIGEST_ANNOTATION: config_digest(cfg)},
+        },
+        "immutable": True,
         "data": {"config.yaml": to_yaml(cfg)},
     }
 
 
-def build_all(cfg: Config, *, config_map_name: str) -> list[dict[str, Any]]:
-    """The ConfigMap, then one job per step of PIPELINE.STEPS in order."""
-    return [build_config_map(cfg, config_map_name)] + [
-        build_step_job(cfg, step, config_map_name=config_map_name) for step in cfg.PIPELINE.STEPS
-    ]
+def build_all(cfg: Config, *, config_map_name: str | None = None) -> list[dict[str, Any]]:
+    """The ConfigMap (content-addressed unless named), then one job per step of PIPELINE.STEPS in order."""
+    config_map = build_config_map(cfg, config_map_name)
+    name = config_map["metadata"]["name"]
+    return [config_map] + [build_step_job(cfg, step, config_map_name=name) for step in cfg.PIPELINE.STEPS]
 
 
 def spec_hash(job: dict[str, Any]) -> str:
-    """sha256 of the job's canonical JSON, without the hash annotation itself."""
+    """sha256 of the job's canonical JSON without what does not decide what its pods do: the hash annotation
+    itself, the job's owner (a rendered job has none) and the name of the ConfigMap its pods mount (it changes
+    with keys the step does not read; the keys it reads are in STEP_CONFIG_ANNOTATION)."""
     stripped = copy.deepcopy(job)
-    annotations = stripped.get("metadata", {}).get("annotations", {})
-    annotations.pop(HASH_ANNOTATION, None)
+    metadata = stripped.get("metadata", {})
+    metadata.get("annotations", {}).pop(HASH_ANNOTATION, None)
+    metadata.pop("ownerReferences", None)
+    for replica in ((stripped.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values():
+        for volume in (((replica or {}).get("template") or {}).get("spec") or {}).get("volumes") or []:
+            if volume.get("name") == CONFIG_VOLUME and "configMap" in volume:
+                volume["configMap"]["name"] = ""
     canonical = json.dumps(stripped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -3,7 +3,10 @@
     clusterfit render config=kubernetes-example --out k8s/quickstart
     clusterfit render config=kubernetes-example config.DISTRIBUTED.NUM_NODES=2 --stdout | kubectl apply -f -
 
-Writes 00-configmap.yaml, then 01-<step>.yaml, 02-<step>.yaml ... in PIPELINE.STEPS order. A step
+Writes 00-configmap.yaml (immutable, named <EXPERIMENT.NAME>-config-<digest of its content>, so a
+render of another config applies beside it instead of changing what running pods read), then
+01-<step>.yaml, 02-<step>.yaml ... in PIPELINE.STEPS order. `clusterfit submit` with the same config
+adopts the jobs applied from these files. A step
 refuses inputs whose _SUCCESS.json is missing, so apply the ConfigMap, then each job once the one
 before it Succeeded (`kubectl wait --for=condition=Succeeded pytorchjob/<name>`), or let
 `clusterfit submit` / the Helm chart's controller do exactly that.
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stdout", action="store_true", help="print all objects as one multi-document YAML instead")
     parser.add_argument(
-        "--config-map-name", default=None, help="name of the config ConfigMap (default: <EXPERIMENT.NAME>-config)"
+        "--config-map-name",
+        default=None,
+        help="name of the config ConfigMap (default: <EXPERIMENT.NAME>-config-<digest of the config>)",
     )
     parser.add_argument("args", nargs="*", help="config=<name or path> and config.KEY.PATH=value overrides")
     return parser
@@ -87,7 +92,7 @@ def cli_render(argv: list[str]) -> int:
     ns = build_parser().parse_intermixed_args(argv)
     try:
         cfg = config_from_args(ns.args)
-        objects = build_all(cfg, config_map_name=ns.config_map_name or f"{cfg.EXPERIMENT.NAME}-config")
+        objects = build_all(cfg, config_map_name=ns.config_map_name)
     except (ConfigError, ManifestError) as exc:
         print(f"clusterfit render: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ objects test these, and the controller acts on them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from clusterfit.kube.manifests import CONTAINER, HASH_ANNOTATION
@@ -129,3 +130,90 @@ def crashed(pod: dict[str, Any]) -> bool:
         if container.get("name") == CONTAINER and ended and ended.get("exitCode"):
             return True
     return False
+
+
+# ---- retries the operator does not bound ------------------------------------------------------
+# Under restartPolicy ExitCode the training operator deletes and recreates a pod that exited with 128 or
+# more, and its backoffLimit counts only restarts of running pods (always 0 here): a container that is
+# OOMKilled (137) every time would be recreated until activeDeadlineSeconds. The controller counts the
+# retries itself, and stops a step at its first OOMKilled container under every policy.
+
+OOM_KILLED = "OOMKilled"
+EXITED_WITH_CODE = "ExitedWithCode"  # the operator's event on the job for each pod it saw exit
+
+
+def step_exits(pod: dict[str, Any]) -> list[tuple[str, int]]:
+    """(reason, exit code) of each ended instance of the step's container `pod` still shows (state, lastState)."""
+    found = []
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") != CONTAINER:
+            continue
+        for state in (container.get("state") or {}, container.get("lastState") or {}):
+            ended = state.get("terminated") or {}
+            if ended:
+                found.append((str(ended.get("reason") or ""), int(ended.get("exitCode") or 0)))
+    return found
+
+
+@dataclass
+class Retries:
+    """One step's pods as the controller saw them, poll after poll: every UID under each pod name (a new
+    UID is a pod the operator recreated) and the restart count of each (the kubelet's in-place restarts)."""
+
+    uids: dict[str, list[str]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)  # uid -> restartCount of the step's container
+
+    def see(self, pods: list[dict[str, Any]]) -> None:
+        for pod in pods:
+            name, uid = pod["metadata"]["name"], str(pod["metadata"].get("uid") or pod["metadata"]["name"])
+            if uid not in self.uids.setdefault(name, []):
+                self.uids[name].append(uid)
+            self.restarts[uid] = max(self.restarts.get(uid, 0), restarts(pod))
+
+    @property
+    def recreated(self) -> int:
+        return sum(len(uids) - 1 for uids in self.uids.values())
+
+    @property
+    def count(self) -> int:
+        """Retries so far: pods recreated plus containers restarted in place."""
+        return self.recreated + sum(self.restarts.values())
+
+
+def memory_key(step: str) -> str:
+    return f"KUBERNETES.RESOURCES.{step.upper()}.MEMORY"
+
+
+def retry_problem(step: str, pods: list[dict[str, Any]], retries: Retries, backoff_limit: int, memory: str) -> str:
+    """Why the controller must stop the step although its job has not failed ("" when it need not): a
+    container of `pods` OOMKilled, or `retries` past `backoff_limit` (KUBERNETES.BACKOFF_LIMIT). `memory`
+    is the step's KUBERNETES.RESOURCES.<STEP>.MEMORY, named in the message."""
+    for pod in pods:
+        if any(reason == OOM_KILLED for reason, _ in step_exits(pod)):
+            return (
+                f"pod {pod['metadata']['name']}: container {CONTAINER} was {OOM_KILLED}: the step needs more memory "
+                f"than {memory_key(step)}={memory} (raise it, or lower the batch size); a retry would only repeat it"
+            )
+    if retries.count > backoff_limit:
+        in_place = retries.count - retries.recreated
+        return (
+            f"its pods were retried {retries.count} times ({retries.recreated} recreated by the operator, "
+            f"{in_place} restarted in place), more than KUBERNETES.BACKOFF_LIMIT={backoff_limit}"
+        )
+    return ""
+
+
+def exit_events(events: list[dict[str, Any]], hint_137: str = "") -> list[str]:
+    """The operator's `Pod: <ns>.<pod> exited with code N` events, oldest first; `hint_137` follows a 137
+    (SIGKILL: the kernel's OOM killer, unless the grace period ran out)."""
+    found = []
+    for event in events:
+        if event.get("reason") == EXITED_WITH_CODE:
+            message = str(event.get("message") or "")
+            hint = f" ({hint_137})" if hint_137 and message.endswith(" 137") else ""
+            found.append(f"event on {event['involvedObject'].get('name')}: {message}{hint}")
+    return list(dict.fromkeys(found))
+
+
+def oom_hint(step: str, memory: str) -> str:
+    return f"SIGKILL: OOMKilled, most likely; {memory_key(step)}={memory}"

@@ -77,7 +77,7 @@ class EvalResult:
 
 
 def run(cfg: Config) -> EvalResult:
-    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
+    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND, cfg.DISTRIBUTED.TIMEOUT_S)
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     if not dist.is_main:  # evaluation is small next to training: rank 0 does it
         return EvalResult(EVAL, True)

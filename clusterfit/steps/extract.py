@@ -80,7 +80,7 @@ class ExtractResult:
 
 
 def run(cfg: Config) -> ExtractResult:
-    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
+    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND, cfg.DISTRIBUTED.TIMEOUT_S)
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     log.info("extract: artifact root %s", store.uri())
     start = start_weights(cfg, store)

@@ -104,7 +104,7 @@ def fingerprint(cfg: Config) -> str:
 
 
 def run(cfg: Config) -> FitResult:
-    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
+    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND, cfg.DISTRIBUTED.TIMEOUT_S)
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     fp = fingerprint(cfg)
     if artifacts.skip_if_published(store, PRETRAIN, fp, "pretrain"):

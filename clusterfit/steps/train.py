@@ -60,7 +60,7 @@ def run(cfg: Config) -> FitResult | Results:
 
 def train(cfg: Config, supervised: bool = False) -> FitResult:
     """A fresh network on cfg's K cluster labels (or, `supervised`, on the true labels), resumable, published."""
-    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND)
+    dist = distributed.init_distributed(cfg.DISTRIBUTED.BACKEND, cfg.DISTRIBUTED.TIMEOUT_S)
     store = open_store(cfg.EXPERIMENT.root_uri, cfg.STORAGE)
     images = build_dataset(cfg, "TRAIN", train_transform(cfg.DATA.TRANSFORMS))
     # Labels first: a bad label file fails here, before any model is built.

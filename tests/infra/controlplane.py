@@ -18,6 +18,10 @@ Users (static tokens, see `--token-auth-file`):
 - admin: user `clusterfit-admin` in group `system:masters` -> `admin_token`, `kubeconfig_path`.
 - controller: user `clusterfit-controller`, no groups beyond `system:authenticated`, so it may do
   nothing until a test grants it a Role -> `user_tokens["controller"]`, `kubeconfig_for(...)`.
+- user: `clusterfit-user`, the same, for the Role of a person at a workstation (k8s/user-rbac.yaml).
+
+The API server writes an audit log of every request's metadata: `requests_by(user)` says which
+verbs on which resources a user called, and with which answer.
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ CRD_FILE = "kubeflow.org_pytorchjobs.yaml"
 CRD_NAME = "pytorchjobs.kubeflow.org"
 PYTORCHJOBS_PATH = "/apis/kubeflow.org/v1/pytorchjobs"
 ADMIN_USER = "clusterfit-admin"
-DEFAULT_USERS = {"controller": "clusterfit-controller"}
+DEFAULT_USERS = {"controller": "clusterfit-controller", "user": "clusterfit-user"}
+# Every request's metadata (user, verb, resource, response code), for tests of exactly what a user calls.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+"""
 _KUBE_TOOLS = ["kube-apiserver", "kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl"]
 _VERSION_KEYS = {
     "helm": "HELM_VERSION",
@@ -283,11 +294,12 @@ class ControlPlane:
         if self.dir != Path() and self.dir.exists() and not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def restart_apiserver(self, graceful: bool = True) -> None:
+    def restart_apiserver(self, graceful: bool = True, down_s: float = 0.0) -> None:
         """Stop kube-apiserver and start it again on the same etcd and port: every watch is cut.
 
         graceful: SIGTERM, and the server ends open watches cleanly within a second (a rolling
         apiserver update); otherwise SIGKILL, and clients see their connections reset (a crash).
+        down_s: stay stopped this long first (an outage: every connection is refused meanwhile).
         Returns once the server is ready and serves PyTorchJobs again (a few seconds)."""
         if graceful:
             self._stop(self._apiserver)
@@ -295,6 +307,7 @@ class ControlPlane:
             self._apiserver.kill()
             self._apiserver.wait()
         self._apiserver = None
+        time.sleep(down_s)
         self._start_apiserver()
         self._wait_served(PYTORCHJOBS_PATH)
 
@@ -438,7 +451,10 @@ class ControlPlane:
             "service-account-issuer": self.server,
             "service-account-key-file": str(certs / "sa.key"),
             "service-account-signing-key-file": str(certs / "sa.key"),
+            "audit-policy-file": str(self.dir / "audit-policy.yaml"),
+            "audit-log-path": str(self.dir / "audit.log"),
         }
+        (self.dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
         # Replace, not append: list-valued flags given twice would accumulate.
         flags.update(self._apiserver_args)
         argv = [str(self._apiserver_bin)] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
@@ -449,6 +465,22 @@ class ControlPlane:
             return status == 200
 
         self._wait("kube-apiserver", self._apiserver, ready)
+
+    def requests_by(self, user: str) -> list[tuple[str, str, str, int]]:
+        """(apiGroup, resource[/subresource], verb, response code) of each request `user` made, in order,
+        from the audit log (a watch counts once, when its response started)."""
+        found = []
+        for line in (self.dir / "audit.log").read_text().splitlines():
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            if event.get("user", {}).get("username") != user or not ref.get("resource"):
+                continue
+            if event["stage"] != ("ResponseStarted" if event["verb"] == "watch" else "ResponseComplete"):
+                continue
+            resource = "/".join(filter(None, [ref["resource"], ref.get("subresource")]))
+            code = int((event.get("responseStatus") or {}).get("code", 0))
+            found.append((ref.get("apiGroup", ""), resource, event["verb"], code))
+        return found
 
     def install_crd(self) -> None:
         """Create the PyTorchJob CRD and wait until PyTorchJobs are served (start() does this unless

@@ -30,20 +30,31 @@ from clusterfit.kube.manifests import job_name
 from clusterfit.storage import open_store
 from tests.infra.controlplane import REPO_ROOT, ControlPlane
 
-RBAC_FILE = REPO_ROOT / "k8s" / "controller-rbac.yaml"
-CONTROLLER_USER = "clusterfit-controller"
+# Who runs clusterfit against the cluster: the controller in its pod, a person at a workstation.
+RBAC_FILES = {"controller": REPO_ROOT / "k8s" / "controller-rbac.yaml", "user": REPO_ROOT / "k8s" / "user-rbac.yaml"}
+USERS = {"controller": "clusterfit-controller", "user": "clusterfit-user"}
 ALL_STEPS = ["pretrain", "extract", "cluster", "train", "evaluate"]
 T = TypeVar("T")
 
-# What the controller is allowed, exactly (issue 6, point 4); the committed Role must say the same.
+# What each is allowed, exactly; the committed Roles must say the same, and a run must use all of it.
 EXPECTED_RULES = {
-    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("kubeflow.org", "pytorchjobs/status"): {"get"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get"},
-    ("", "events"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
+    "controller": {
+        ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
+        ("", "pods"): {"list"},
+        ("", "pods/log"): {"get"},
+        ("", "events"): {"list"},
+        ("", "configmaps"): {"get"},
+        ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
+    },
+    "user": {
+        ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "delete", "patch"},
+        ("", "pods"): {"get", "list"},
+        ("", "pods/log"): {"get"},
+        ("", "events"): {"list"},
+        ("", "configmaps"): {"get", "create"},
+        ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
+        ("batch", "jobs"): {"list", "patch"},
+    },
 }
 
 
@@ -58,12 +69,25 @@ def normalized_rules(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[s
     return out
 
 
-def committed_role_rules() -> list[dict[str, Any]]:
-    """The rules of the Role in k8s/controller-rbac.yaml (the file the chart's Role must match)."""
-    docs = [d for d in yaml.safe_load_all(RBAC_FILE.read_text()) if d]
+def committed_role_rules(who: str = "controller") -> list[dict[str, Any]]:
+    """The rules of the Role in k8s/controller-rbac.yaml (the file the chart's Role must match) or
+    k8s/user-rbac.yaml."""
+    docs = [d for d in yaml.safe_load_all(RBAC_FILES[who].read_text()) if d]
     roles = [d for d in docs if d.get("kind") == "Role"]
-    assert len(roles) == 1, f"{RBAC_FILE}: expected one Role, found {len(roles)}"
+    assert len(roles) == 1, f"{RBAC_FILES[who]}: expected one Role, found {len(roles)}"
     return list(roles[0]["rules"])
+
+
+def used_rules(cp: ControlPlane, who: str) -> tuple[dict[tuple[str, str], set[str]], list[str]]:
+    """{(apiGroup, resource): verbs} that `who` called (from the API server's audit log), and the calls
+    it was refused (403)."""
+    used: dict[tuple[str, str], set[str]] = {}
+    refused = []
+    for group, resource, verb, code in cp.requests_by(USERS[who]):
+        used.setdefault((group, resource), set()).add(verb)
+        if code == 403:
+            refused.append(f"{verb} {group or 'core'}/{resource}")
+    return used, refused
 
 
 def retry(fn: Callable[[], T], timeout_s: float = 60.0) -> T:
@@ -81,22 +105,22 @@ def retry(fn: Callable[[], T], timeout_s: float = 60.0) -> T:
         time.sleep(0.1)
 
 
-def grant_controller_role(cp: ControlPlane, namespace: str) -> None:
-    """Bind the committed controller Role to the controller's token user in `namespace`, and wait
-    until the authorizer (fed by an informer) lets that user list jobs."""
+def grant_controller_role(cp: ControlPlane, namespace: str, who: str = "controller") -> Path:
+    """Bind the committed Role of `who` (controller or user) to its token user in `namespace`, wait
+    until the authorizer (fed by an informer) lets that user list jobs; return a kubeconfig as that user."""
     rbac = client.RbacAuthorizationV1Api(cp.api_client())
-    rbac.create_namespaced_role(
-        namespace, {"metadata": {"name": "clusterfit-controller"}, "rules": committed_role_rules()}
-    )
-    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "clusterfit-controller"}
-    subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": CONTROLLER_USER}
-    binding = {"metadata": {"name": "clusterfit-controller"}, "roleRef": role_ref, "subjects": [subject]}
+    name = USERS[who]
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": committed_role_rules(who)})
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name}
+    binding = {"metadata": {"name": name}, "roleRef": role_ref, "subjects": [subject]}
     rbac.create_namespaced_role_binding(namespace, binding)
-    path, token = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", cp.user_tokens["controller"]
+    path, token = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", cp.user_tokens[who]
     deadline = time.monotonic() + 10
     while cp.request("GET", path, token=token)[0] != 200:
-        assert time.monotonic() < deadline, "the controller Role never took effect"
+        assert time.monotonic() < deadline, f"the {who} Role never took effect"
         time.sleep(0.1)
+    return cp.kubeconfig_for(token)
 
 
 def write_config(
@@ -149,10 +173,13 @@ class Experiment:
         kubeconfig = str(self.cp.kubeconfig_path)
         return [sys.executable, "-m", "clusterfit", "submit", f"config={config}", "--kubeconfig", kubeconfig]
 
-    def submit_in_background(self, config: Path, *extra: str) -> tuple[threading.Thread, list[int]]:
+    def submit_in_background(
+        self, config: Path, *extra: str, kubeconfig: Path | None = None
+    ) -> tuple[threading.Thread, list[int]]:
         """`submit` in a daemon thread; the list receives its exit code."""
         result: list[int] = []
-        thread = threading.Thread(target=lambda: result.append(self.submit(config, *extra)), daemon=True)
+        run = lambda: result.append(self.submit(config, *extra, kubeconfig=kubeconfig))  # noqa: E731
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         return thread, result
 
@@ -171,6 +198,8 @@ class FakeKubelet:
 
     def __init__(self, cp: ControlPlane) -> None:
         self.logs: dict[str, str] = {}  # "<ns>/<pod>/<container>" -> text
+        # The same, of the container before its restart (?previous=true); absent: the current one's.
+        self.previous_logs: dict[str, str] = {}
         self.node = f"node-{uuid.uuid4().hex[:8]}"
         self.cp = cp
         key, cert = cp.dir / "kubelet.key", cp.dir / "kubelet.crt"
@@ -182,7 +211,10 @@ class FakeKubelet:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 path, _, query = self.path.partition("?")
-                text = kubelet.logs.get(path.removeprefix("/containerLogs/"), "")
+                key = path.removeprefix("/containerLogs/")
+                text = kubelet.logs.get(key, "")
+                if "previous=true" in query:
+                    text = kubelet.previous_logs.get(key, text)
                 if "tailLines=" in query:
                     count = int(query.split("tailLines=")[1].split("&")[0])
                     text = "".join(text.splitlines(keepends=True)[-count:])

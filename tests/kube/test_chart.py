@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,11 @@ def test_template_renders_a_valid_release_and_valid_step_jobs(helm_bin: Path, va
     cfg = config_from_args([f"config={experiment_file(objects, tmp_path / 'experiment.yaml')}"])
     assert cfg.EXPERIMENT.NAME == "digits" and cfg.KUBERNETES.NAMESPACE == "exp-ns"
     assert cfg.KUBERNETES.S3_SECRET_NAME == "clusterfit-s3"
-    job = kinds["Job"]
+    job, config_map = kinds["Job"], kinds["ConfigMap"]
+    config_map_name = config_map["metadata"]["name"]
+    assert re.fullmatch(r"digits-config-[0-9a-f]{10}", config_map_name) and config_map["immutable"] is True
+    assert re.fullmatch(r"digits-[0-9a-f]{8}", job["metadata"]["name"])
+    assert job["metadata"]["labels"]["clusterfit.io/experiment"] == "digits"  # what `clusterfit cancel` finds
     (controller,) = job["spec"]["template"]["spec"]["containers"]
     assert controller["command"] + controller["args"] == [
         "clusterfit",
@@ -93,7 +98,7 @@ def test_template_renders_a_valid_release_and_valid_step_jobs(helm_bin: Path, va
         "--in-cluster",
         "config=/etc/clusterfit/config.yaml",
         "--owner-configmap",
-        "digits-config",
+        config_map_name,
         "--wait",
     ]
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 604800
@@ -108,16 +113,35 @@ def test_template_renders_a_valid_release_and_valid_step_jobs(helm_bin: Path, va
     for obj in objects:
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "digits"
     # The step jobs the in-cluster controller will create from this config, rendered the same way.
-    rendered = render([f"config={tmp_path / 'experiment.yaml'}"], tmp_path / "jobs")
+    rendered = render([f"config={tmp_path / 'experiment.yaml'}", "--config-map-name", config_map_name], tmp_path / "j")
     jobs = [o for o in rendered if o["kind"] == "PyTorchJob"]
     assert [j["metadata"]["name"] for j in jobs] == [f"digits-{s}" for s in cfg.PIPELINE.STEPS]
     for step_job in jobs:
         assert_valid_pytorchjob(step_job)
         assert step_job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"][0]["configMap"] == {
-            "name": "digits-config"
+            "name": config_map_name
         }
     if values != "default":
         assert jobs[0]["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+
+def test_the_config_names_its_configmap_and_every_value_names_the_controller_job(helm_bin: Path) -> None:
+    def names(*extra: str) -> tuple[str, str]:
+        kinds = by_kind(chart_objects(helm_bin, *REQUIRED, *extra))
+        return kinds["ConfigMap"]["metadata"]["name"], kinds["Job"]["metadata"]["name"]
+
+    base = names()
+    assert names() == base  # the same values, the same names: an upgrade without changes changes nothing
+    edited = names("--set", "experiment.EVALUATE.LINEAR_EPOCHS=7")
+    assert edited[0] != base[0] and edited[1] != base[1]
+    resources = names("--set", "controller.resources.limits.memory=1Gi")  # not the config: the same ConfigMap
+    assert resources[0] == base[0] and resources[1] != base[1]
+    rerun = names("--set", "controller.rerun=2")
+    assert rerun[0] == base[0] and rerun[1] not in (base[1], resources[1])
+    long_release = by_kind(
+        chart_objects(helm_bin, *REQUIRED, "--set", "experiment.EXPERIMENT.NAME=digits", release="r" * 53)
+    )
+    assert len(long_release["Job"]["metadata"]["name"]) == 62  # within a Job name's 63
 
 
 BAD_VALUES = {

@@ -43,6 +43,7 @@ from tests.kube.helpers_controller import (
     container_status,
     grant_controller_role,
     normalized_rules,
+    used_rules,
     write_config,
 )
 from tests.s3server import S3Server
@@ -153,7 +154,9 @@ def test_happy_path_creates_five_steps_in_order(ex: Experiment, caplog: pytest.L
         assert int(job["metadata"]["resourceVersion"]) > operator.succeeded_rv[previous], (
             f"{job['metadata']['name']} too early"
         )
-    config_map = client.CoreV1Api(ex.cp.api_client()).read_namespaced_config_map("fit-config", ex.namespace)
+    name = build_config_map(cfg)["metadata"]["name"]  # fit-config-<digest>
+    config_map = client.CoreV1Api(ex.cp.api_client()).read_namespaced_config_map(name, ex.namespace)
+    assert config_map.immutable is True
     for step, job in zip(ALL_STEPS, operator.created, strict=True):
         assert f"clusterfit {step} {ARGS}" in container_args(job)
         assert job["metadata"]["ownerReferences"][0]["uid"] == config_map.metadata.uid
@@ -265,6 +268,9 @@ def test_the_log_and_reason_of_a_crashed_pod_survive_its_deletion(
         assert crash.hold is not None
         crash.hold.set()
         thread.join(timeout=60)
+        # The controller stops the step on seeing OOMKilled (kube/status.py retry_problem), before the job
+        # fails: let the operator fail it and delete its pod, as cleanPodPolicy Running does.
+        wait_for(lambda: not operator.core.list_namespaced_pod(ex.namespace).items)
     assert result == [1]
     assert operator.names() == ["fit-cluster"]
     err = capsys.readouterr().err
@@ -351,22 +357,37 @@ def test_watch_from_a_too_old_resource_version_gets_410_and_lists_again(
     assert "step extract: Succeeded" in caplog.text
 
 
-def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(
+def test_the_controller_role_is_exactly_what_the_chart_controller_calls(
     ex: Experiment, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert normalized_rules(committed_role_rules()) == EXPECTED_RULES
-    grant_controller_role(ex.cp, ex.namespace)
-    as_controller = ex.cp.kubeconfig_for(ex.cp.user_tokens["controller"])
-    config, cfg = ex.config(steps=["extract", "cluster"])
+    assert normalized_rules(committed_role_rules("controller")) == EXPECTED_RULES["controller"]
+    as_controller = grant_controller_role(ex.cp, ex.namespace)
+    config, cfg = ex.config(steps=["extract", "cluster"], LEASE_DURATION_S=3, POD_CHECK_INTERVAL_S=1)
     owner = client.CoreV1Api(ex.cp.api_client()).create_namespaced_config_map(
         ex.namespace, build_config_map(cfg, "fit-release")
     )
-
-    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, kubelet=kubelet):  # as the chart's Job runs it:
-        assert ex.submit(config, "--owner-configmap", "fit-release", kubeconfig=as_controller) == 0
+    # A step that runs past a Lease renewal, then one whose container is OOMKilled: the controller reads its
+    # crashed log and the events, and suspends the job (the operator would recreate the pod until the deadline).
+    slow = Script(hold=threading.Event())
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    restarted = {**container_status("clusterfit:test", {"running": {}}, restarts=1), "lastState": oom}
+    killed = Script(
+        hold=threading.Event(), log="cluster: boom\n", pod_status={"phase": "Running", "containerStatuses": [restarted]}
+    )
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, {"extract": slow, "cluster": killed}, kubelet):
+        threading.Timer(2.5, slow.hold.set).start()  # type: ignore[union-attr]
+        assert ex.submit(config, "--owner-configmap", "fit-release", kubeconfig=as_controller) == 1  # as the chart's
     assert [j["metadata"]["ownerReferences"][0]["uid"] for j in ex.jobs()] == [owner.metadata.uid] * 2
-    assert commands.cli_status([f"config={config}", "--kubeconfig", str(as_controller)]) == 0
-    assert "fit-cluster" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "cluster: boom" in err and "PyTorchJob fit-cluster is suspended (no more retries)" in err
+    assert {j["metadata"]["name"] for j in ex.jobs() if j["spec"]["runPolicy"].get("suspend")} == {"fit-cluster"}
+    # A later submit does not adopt the suspended job (it would wait for it forever): it says what to do.
+    assert ex.submit(config, "--owner-configmap", "fit-release", kubeconfig=as_controller) == 1
+    assert "PyTorchJob fit-cluster is suspended" in capsys.readouterr().err
+    used, refused = used_rules(ex.cp, "controller")
+    print(f"RBAC | controller used {sorted((r, sorted(v)) for r, v in used.items())}")
+    assert refused == []
+    assert used == EXPECTED_RULES["controller"]  # every verb it is granted, and nothing else
 
     other, _ = ex.config(name="other")  # its ConfigMap must be created: not in the Role
     assert ex.submit(other, kubeconfig=as_controller) == 1
@@ -374,6 +395,45 @@ def test_controller_role_is_enough_and_an_action_outside_it_is_forbidden(
     assert f"forbidden: cannot create configmaps in namespace '{ex.namespace}'" in err
     assert 'User "clusterfit-controller" cannot create resource "configmaps"' in err  # the server's own words
     assert len(ex.jobs()) == 2
+
+
+def test_the_user_role_is_exactly_what_submit_status_logs_and_cancel_call(
+    ex: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert normalized_rules(committed_role_rules("user")) == EXPECTED_RULES["user"]
+    as_user = grant_controller_role(ex.cp, ex.namespace, "user")
+    config, cfg = ex.config(steps=["extract", "cluster"], LEASE_DURATION_S=3, POD_CHECK_INTERVAL_S=1)
+    # A Helm release's controller Job of this experiment, for cancel to stop.
+    release = {
+        "metadata": {"name": "fit-1a2b3c4d", "labels": {"clusterfit.io/experiment": "fit"}},
+        "spec": {
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "controller", "image": "controller:0"}]}
+            }
+        },
+    }
+    client.BatchV1Api(ex.cp.api_client()).create_namespaced_job(ex.namespace, release)
+    argv = [f"config={config}", "--kubeconfig", str(as_user)]
+    hold = threading.Event()
+    failed = Script(hold=hold, fail=("PyTorchJobFailed", "PyTorchJob fit-cluster is failed."), log="cluster: boom\n")
+    with FakeKubelet(ex.cp) as kubelet, FakeOperator(ex, cfg, {"cluster": failed}, kubelet):
+        thread, result = ex.submit_in_background(config, kubeconfig=as_user)
+        assert failed.running.wait(timeout=60)
+        assert commands.cli_cancel([*argv, "cluster", "--suspend"]) == 0
+        time.sleep(1.5)  # past a Lease renewal
+        hold.set()
+        thread.join(timeout=60)
+        assert result == [1]
+        assert commands.cli_status(argv) == 0
+        assert commands.cli_logs([*argv, "cluster"]) == 0
+        assert commands.cli_cancel(argv) == 0
+    out = capsys.readouterr().out
+    assert "suspended PyTorchJob fit-cluster (was Running)" in out and "cluster: boom" in out
+    assert "suspended the controller Job fit-1a2b3c4d" in out and "deleted PyTorchJob fit-cluster (was Failed)" in out
+    used, refused = used_rules(ex.cp, "user")
+    print(f"RBAC | user used {sorted((r, sorted(v)) for r, v in used.items())}")
+    assert refused == []
+    assert used == EXPECTED_RULES["user"]
 
 
 def test_server_dry_run_validates_and_rejects_with_the_servers_message(

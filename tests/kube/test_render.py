@@ -20,11 +20,13 @@ from clusterfit.kube.manifests import (
     HASH_ANNOTATION,
     ManifestError,
     build_all,
+    build_config_map,
     build_step_job,
     job_name,
     spec_hash,
 )
 from tests.infra.controlplane import REPO_ROOT, ControlPlane
+from tests.kube.helpers_controller import EXPECTED_RULES
 from tests.kube.helpers_manifests import (
     CI_VALUES,
     FAKE_ACCESS_KEY,
@@ -105,9 +107,11 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
     assert c["command"] == [
         "python",
         "-m",
-        "torch.distributed.run",
+        "clusterfit.launch",  # torchrun in-process, exiting 143 on SIGTERM (retryable under ExitCode), not 1
+        "torchrun",
         "--nnodes=2",
         "--nproc-per-node=4",
+        "--rdzv-conf=timeout=600",  # DISTRIBUTED.TIMEOUT_S
         "-m",
         "clusterfit",
         "train",
@@ -121,7 +125,8 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in c["ports"]
     pod = replicas["Worker"]["template"]["spec"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
-    assert {"name": "config", "configMap": {"name": "quickstart-config"}} in pod["volumes"]
+    name = build_config_map(config_from_args(GPU))["metadata"]["name"]
+    assert {"name": "config", "configMap": {"name": name}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert (
         pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -152,6 +157,9 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
         and container(cluster)["image"] == "clusterfit/clusterfit-cluster:0.1.0-cpu"
     )
     assert container(cluster)["command"] == [
+        "python",
+        "-m",
+        "clusterfit.launch",
         "clusterfit",
         "cluster",
         "config=/etc/clusterfit/config.yaml",
@@ -163,7 +171,8 @@ def test_multinode_gpu_job_shape(tmp_path: Path) -> None:
 def test_single_node_job_has_no_workers_and_runs_the_step_directly() -> None:
     job = build_step_job(config_from_args(EXAMPLE), "extract", config_map_name="cm")
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
-    assert container(job)["command"] == ["clusterfit", "extract", "config=/etc/clusterfit/config.yaml", "--no-lease"]
+    launch = ["python", "-m", "clusterfit.launch", "clusterfit"]  # exits 143 on SIGTERM (Python as PID 1 would not)
+    assert container(job)["command"] == [*launch, "extract", "config=/etc/clusterfit/config.yaml", "--no-lease"]
     backend = config_from_args([*EXAMPLE, "config.CLUSTERFIT.CLUSTER_BACKEND=torch"])
     assert container(build_step_job(backend, "cluster", config_map_name="cm"))["image"] == backend.KUBERNETES.IMAGE
 
@@ -358,6 +367,15 @@ def test_spec_hash_covers_the_job_but_not_itself() -> None:
     # The config is in the ConfigMap, yet a job from another config must not pass for this one.
     assert spec_hash(changed) != spec_hash(again)
     assert build_step_job(cfg, "train", config_map_name="cm", owner=OWNER)["metadata"]["ownerReferences"] == [OWNER]
+    # What does not decide what the pods do: the owner (a rendered job has none), the ConfigMap's name (it
+    # follows every key), keys the step does not read. What does: a key the step reads.
+    owned = build_step_job(cfg, "train", config_map_name="other-cm", owner=OWNER)
+    assert spec_hash(owned) == spec_hash(job)
+    evaluate = config_from_args([*MULTINODE, "config.EVALUATE.PROTOCOL=vissl_linear"])
+    assert spec_hash(build_step_job(evaluate, "train", config_map_name="cm")) == spec_hash(job)
+    assert spec_hash(build_step_job(evaluate, "evaluate", config_map_name="cm")) != spec_hash(
+        build_step_job(cfg, "evaluate", config_map_name="cm")
+    )
 
 
 OWNER = {"apiVersion": "v1", "kind": "ConfigMap", "name": "quickstart-config", "uid": "1234"}
@@ -380,18 +398,13 @@ def test_k8s_examples_hold_no_secrets_and_the_controllers_exact_rules() -> None:
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME"}
     rbac = load_docs((REPO_ROOT / "k8s" / "controller-rbac.yaml").read_text())
     assert {d["kind"] for d in rbac} == {"ServiceAccount", "Role", "RoleBinding"}
-    assert rules_of(rbac) == {
-        ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "delete", "patch"},
-        ("kubeflow.org", "pytorchjobs/status"): {"get"},
-        ("", "pods"): {"get", "list", "watch"},
-        ("", "pods/log"): {"get"},
-        ("", "events"): {"get", "list", "watch"},
-        ("", "configmaps"): {"get"},
-        ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
-    }
+    assert rules_of(rbac) == EXPECTED_RULES["controller"]
+    user = load_docs((REPO_ROOT / "k8s" / "user-rbac.yaml").read_text())
+    assert {d["kind"] for d in user} == {"Role", "RoleBinding"}
+    assert rules_of(user) == EXPECTED_RULES["user"]
     namespace = yaml.safe_load((REPO_ROOT / "k8s" / "namespace.yaml").read_text())["metadata"]["name"]
     assert namespace == config_from_args(EXAMPLE).KUBERNETES.NAMESPACE
-    assert {d["metadata"]["namespace"] for d in rbac} == {namespace}
+    assert {d["metadata"]["namespace"] for d in rbac + user} == {namespace}
 
 
 def test_the_api_server_accepts_every_rendered_and_example_object(

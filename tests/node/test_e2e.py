@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,8 +60,35 @@ def experiment(node: Cluster, tmp_path: Path, request: pytest.FixtureRequest) ->
     node.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
 
-def controller_pods(ex: Experiment) -> list[dict]:
-    return pods(ex.cluster, ex.namespace, "job-name=digits")
+CONTROLLER = "app.kubernetes.io/instance=digits,app.kubernetes.io/component=controller"
+
+
+def controller_jobs(ex: Experiment) -> list[dict]:
+    """The release's controller Jobs (named <release>-<revision>), oldest first."""
+    code, body = ex.cluster.request("GET", f"/apis/batch/v1/namespaces/{ex.namespace}/jobs?labelSelector={CONTROLLER}")
+    assert code == 200, body
+    return sorted(body["items"], key=lambda j: j["metadata"]["creationTimestamp"])
+
+
+def install_release(ex: Experiment) -> dict:
+    """`helm install digits` of the experiment with the node's controller image; its values."""
+    repository, tag = ex.cluster.image_refs["controller"].rsplit(":", 1)
+    values = {
+        "experiment": ex.tree(),
+        "s3": {"secretName": "clusterfit-s3"},
+        "controller": {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}},
+    }
+    (ex.folder / "values.yaml").write_text(yaml.safe_dump(values))
+    helm(ex.cluster, "install", "digits", str(CHART), "-n", ex.namespace, "-f", str(ex.folder / "values.yaml"))
+    return values
+
+
+def controller_pods(ex: Experiment, job: str | None = None) -> list[dict]:
+    return pods(ex.cluster, ex.namespace, f"job-name={job or controller_jobs(ex)[-1]['metadata']['name']}")
+
+
+def job_condition(job: dict, kind: str) -> bool:
+    return any(c["type"] == kind and c["status"] == "True" for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def finished(output: str, step: str) -> str:
@@ -76,14 +104,7 @@ def test_helm_install_runs_every_step_in_pods_and_survives_a_killed_controller(e
     # Train long enough that the controller's next pod finds its job still running: 5 epochs (about
     # 20 s at 500m CPU) once finished before the next pod started, and the log said "already done".
     ex.overrides = {"PIPELINE.STEPS": ALL_STEPS, "OPTIMIZER.NUM_EPOCHS": 20}
-    repository, tag = node.image_refs["controller"].rsplit(":", 1)
-    values = {
-        "experiment": ex.tree(),
-        "s3": {"secretName": "clusterfit-s3"},
-        "controller": {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}},
-    }
-    (ex.folder / "values.yaml").write_text(yaml.safe_dump(values))
-    helm(node, "install", "digits", str(CHART), "-n", ex.namespace, "-f", str(ex.folder / "values.yaml"))
+    values = install_release(ex)
 
     # Kill the controller pod as soon as it has created the train job: the Job's next pod adopts it.
     def train_created() -> bool:
@@ -93,11 +114,13 @@ def test_helm_install_runs_every_step_in_pods_and_survives_a_killed_controller(e
     (first,) = [p["metadata"]["name"] for p in controller_pods(ex) if p["status"].get("phase") == "Running"]
     node.kubectl_run("-n", ex.namespace, "delete", "pod", first, "--grace-period=0", "--force", "--wait=false")
 
+    (controller,) = controller_jobs(ex)
+    name = controller["metadata"]["name"]
+
     def controller_done() -> dict | None:
-        status, job = node.request("GET", f"/apis/batch/v1/namespaces/{ex.namespace}/jobs/digits")
-        conditions = {c["type"]: c["status"] for c in (job.get("status") or {}).get("conditions") or []}
-        assert conditions.get("Failed") != "True", (job["status"], node.all_logs_tail())
-        return job if conditions.get("Complete") == "True" else None
+        status, job = node.request("GET", f"/apis/batch/v1/namespaces/{ex.namespace}/jobs/{name}")
+        assert not job_condition(job, "Failed"), (job["status"], node.all_logs_tail())
+        return job if job_condition(job, "Complete") else None
 
     wait_until("helm: the controller Job completes", controller_done, node, 900)
     second = [p for p in controller_pods(ex) if p["metadata"]["name"] != first]
@@ -117,16 +140,34 @@ def test_helm_install_runs_every_step_in_pods_and_survives_a_killed_controller(e
     report = ex.object("eval/report.md").decode()
     print(report.split("## Evaluation")[1].split("Cluster labels")[0])  # the table, for the closing note
     assert 'src="cluster_sizes.png"' in ex.object("eval/report.html").decode()
-    # The chart's own check, in the restricted namespace too.
-    helm(node, "test", "digits", "-n", ex.namespace, "--logs")
+    # The chart's own check, in the restricted namespace too; its pod is deleted once it has run.
+    tested = helm(node, "test", "digits", "-n", ex.namespace)
+    assert re.search(r"Phase:\s+Succeeded", tested.stdout), tested.stdout
+    wait_until(
+        "helm test: its pod deleted", lambda: not pods(node, ex.namespace, "app.kubernetes.io/component=test"), node, 60
+    )
 
-    # helm uninstall: the garbage collector removes the step jobs (owned by the config ConfigMap) and their pods.
+    # helm upgrade of the finished experiment to another config (a key only evaluate reads): a new controller Job
+    # and ConfigMap replace the old ones, the garbage collector deletes the old config's step jobs, and the new
+    # controller finds every step's outputs published.
+    values["experiment"]["EVALUATE"]["LINEAR_EPOCHS"] += 1
+    (ex.folder / "values.yaml").write_text(yaml.safe_dump(values))
+    helm(node, "upgrade", "digits", str(CHART), "-n", ex.namespace, "-f", str(ex.folder / "values.yaml"))
+    wait_until("helm upgrade: the old config's step jobs deleted", lambda: not jobs(node, ex.namespace), node, 120)
+    (upgraded,) = controller_jobs(ex)
+    assert upgraded["metadata"]["name"] != name
+    name = upgraded["metadata"]["name"]
+    wait_until("helm upgrade: the new controller Job completes", controller_done, node, 300)
+    log = node.kubectl_run("-n", ex.namespace, "logs", f"job/{name}").stdout
+    assert all(f"step {step}: already done" in log for step in ALL_STEPS), log
+    assert not jobs(node, ex.namespace)
+
+    # helm uninstall: the garbage collector removes the step jobs (owned by the config ConfigMap) and every pod.
     helm(node, "uninstall", "digits", "-n", ex.namespace, "--wait")
     wait_until("helm uninstall: no step job left", lambda: not jobs(node, ex.namespace), node, 120)
 
-    # (The `helm test` pod is a hook, which Helm leaves in place; every other pod goes.)
     def left() -> list[str]:
-        found = [p for p in pods(node, ex.namespace) if p["metadata"]["name"] != "digits-test-outputs"]
+        found = pods(node, ex.namespace)
         return [f"{p['metadata']['name']} {p['status'].get('phase')} {p['metadata'].get('finalizers')}" for p in found]
 
     wait_until("helm uninstall: no pod left", lambda: not left() or print(left()), node, 120)
@@ -222,23 +263,47 @@ def test_a_failing_step_ends_the_pipeline_with_its_reason_and_log(experiment: Ex
     key = f"{ex.namespace}/bad-labels.npy"
     ex.cluster.s3_client().put_object(Bucket=ex.cluster.minio_bucket, Key=key, Body=buffer.getvalue())
     ex.overrides = {"PIPELINE.STEPS": ["train", "evaluate"], "DATA.TRAIN.LABEL_PATHS": [f"s3://clusterfit/{key}"]}
+    started = time.monotonic()
     submit = ex.clusterfit("submit")
     print(submit.stderr[-4000:])
+    print(f"a real error: submit took {time.monotonic() - started:.0f}s")
     assert submit.returncode == 1
     message = "10 labels but the training dataset has 256 images"
     assert "step train failed: PyTorchJob digits-train" in submit.stderr
+    # Failed once, not retried (restartPolicy ExitCode, exit code 2): the failed pod is kept, never restarted.
+    code, pod = ex.cluster.request("GET", f"/api/v1/namespaces/{ex.namespace}/pods/digits-train-master-0")
+    assert code == 200 and pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod
+    assert operator_exits(ex) == [f"Pod: {ex.namespace}.digits-train-master-0 exited with code 2"]
     assert "last 50 lines of pod digits-train-master-0:" in submit.stderr and message in submit.stderr
     assert "digits-evaluate" not in jobs(ex.cluster, ex.namespace)
     logs = ex.clusterfit("logs", "train")
     assert logs.returncode == 0 and message in logs.stdout, logs.stderr
 
-    # A container killed for memory: OOMKilled in the report, although the operator deletes the pod.
+    # A container killed for memory: OOMKilled and the memory key in the report, although the operator deletes
+    # the pod; and no loop, although the operator recreates a pod that exits 137 until activeDeadlineSeconds.
     ex.overrides = {"PIPELINE.STEPS": ["extract"], "KUBERNETES.RESOURCES.EXTRACT": {"CPU": "500m", "MEMORY": "200Mi"}}
-    submit = ex.clusterfit("submit")
+    started = time.monotonic()
+    submit = ex.clusterfit("submit", timeout_s=300)
     print(submit.stderr[-4000:])
+    print(f"OOMKilled: submit took {time.monotonic() - started:.0f}s; operator events: {operator_exits(ex)}")
     assert submit.returncode == 1
     assert "step extract failed: PyTorchJob digits-extract" in submit.stderr
-    assert "terminated OOMKilled (exit code 137)" in submit.stderr
+    assert "OOMKilled" in submit.stderr and "KUBERNETES.RESOURCES.EXTRACT.MEMORY=200Mi" in submit.stderr
+    # The controller suspended the job: the operator deletes its pods and recreates none.
+    assert "PyTorchJob digits-extract is suspended (no more retries)" in submit.stderr
+    assert jobs(ex.cluster, ex.namespace)["digits-extract"]["spec"]["runPolicy"]["suspend"] is True
+    selector = "training.kubeflow.org/job-name=digits-extract"
+    wait_until("the suspended job's pods deleted", lambda: not pods(ex.cluster, ex.namespace, selector), ex.cluster, 60)
+
+
+def operator_exits(ex: Experiment) -> list[str]:
+    """The distinct `Pod: <ns>.<pod> exited with code N` events of the training operator, in order."""
+    code, body = ex.cluster.request("GET", f"/api/v1/namespaces/{ex.namespace}/events")
+    assert code == 200, body
+    found = sorted(
+        (e for e in body["items"] if e.get("reason") == "ExitedWithCode"), key=lambda e: str(e.get("firstTimestamp"))
+    )
+    return list(dict.fromkeys(str(e["message"]) for e in found))
 
 
 @pytest.mark.parametrize(
@@ -263,3 +328,29 @@ def test_a_pod_that_cannot_start_is_reported_within_the_start_timeout(
     assert "step extract failed: PyTorchJob digits-extract: pod digits-extract-master-0" in submit.stderr
     assert reason in submit.stderr and "POD_START_TIMEOUT_S=30" in submit.stderr
     assert "digits-cluster" not in jobs(ex.cluster, ex.namespace)
+
+
+def test_cancel_stops_the_helm_controller_before_it_deletes_the_step_jobs(experiment: Experiment) -> None:
+    ex, node = experiment, experiment.cluster
+    # A pretrain long enough to be cancelled while it runs.
+    ex.overrides = {"PIPELINE.STEPS": ["pretrain", "extract"], "PRETRAIN.OPTIMIZER.NUM_EPOCHS": 200}
+    install_release(ex)
+
+    def pretrain_running() -> bool:
+        found = pods(node, ex.namespace, "training.kubeflow.org/job-name=digits-pretrain")
+        return any(p["status"].get("phase") == "Running" for p in found)
+
+    wait_until("helm: the pretrain step runs", pretrain_running, node, 300)
+    cancel = ex.clusterfit("cancel", timeout_s=300)
+    print(cancel.stdout, cancel.stderr)
+    assert cancel.returncode == 0, cancel.stderr
+    (controller,) = controller_jobs(ex)
+    assert f"suspended the controller Job {controller['metadata']['name']}" in cancel.stdout
+    assert "deleted PyTorchJob digits-pretrain (was Running)" in cancel.stdout
+    assert controller["spec"]["suspend"] is True
+    # The job controller stopped the controller's pod before the step job went: nothing creates it again.
+    assert not [p for p in controller_pods(ex) if p["status"].get("phase") in ("Pending", "Running")]
+    time.sleep(15)
+    assert "digits-pretrain" not in jobs(node, ex.namespace) and "digits-extract" not in jobs(node, ex.namespace)
+    assert not [p for p in controller_pods(ex) if p["status"].get("phase") in ("Pending", "Running")]
+    helm(node, "uninstall", "digits", "-n", ex.namespace, "--wait")

@@ -11,8 +11,45 @@ within 53). nameOverride replaces the chart's name in the app.kubernetes.io/name
 {{- .Values.fullnameOverride | default .Release.Name | trunc 53 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The config ConfigMap is immutable and named after its content: another config is another ConfigMap,
+so a step pod restarted during an upgrade still reads the config its job was created with.
+*/}}
 {{- define "clusterfit.configMapName" -}}
-{{- printf "%s-config" (include "clusterfit.fullname" .) -}}
+{{- printf "%s-config-%s" (include "clusterfit.fullname" .) (include "clusterfit.experiment" . | sha256sum | trunc 10) -}}
+{{- end -}}
+
+{{/*
+The controller Job is named after everything the chart renders from (a Job's pod template cannot
+change): a changed value is a new Job, which `helm upgrade` creates in place of the old one, and a
+new `rerun` value reruns the pipeline. <fullname>-<8 hex digits> stays within 63 characters.
+*/}}
+{{- define "clusterfit.controllerJobName" -}}
+{{- $revision := printf "%s|%s|%s" (include "clusterfit.experiment" .) (toJson .Values) .Chart.Version | sha256sum | trunc 8 -}}
+{{- printf "%s-%s" (include "clusterfit.fullname" .) $revision -}}
+{{- end -}}
+
+{{/*
+`helm upgrade` refuses while the release's controller runs another revision: it would replace the
+running controller and, with the old config's ConfigMap, the step jobs it owns. Cancelled
+(suspended), completed and failed controllers are replaced. A lookup of Jobs in the release's own
+namespace, which the installing user may read; `helm template` and client dry runs see none.
+*/}}
+{{- define "clusterfit.refuseRunningUpgrade" -}}
+{{- $current := include "clusterfit.controllerJobName" . -}}
+{{- $jobs := lookup "batch/v1" "Job" .Release.Namespace "" -}}
+{{- range ($jobs.items | default list) -}}
+{{- $labels := .metadata.labels | default dict -}}
+{{- if and (eq (get $labels "app.kubernetes.io/instance") $.Release.Name) (eq (get $labels "app.kubernetes.io/component") "controller") (ne .metadata.name $current) -}}
+{{- $finished := false -}}
+{{- range ((.status | default dict).conditions | default list) -}}
+{{- if and (has .type (list "Complete" "Failed")) (eq .status "True") -}}{{- $finished = true -}}{{- end -}}
+{{- end -}}
+{{- if not (or $finished (.spec.suspend | default false)) -}}
+{{- fail (printf "release %s is running: its controller Job %s has not finished, and this upgrade would replace it (and delete the step jobs of its config). Wait until it completes (kubectl -n %s wait --for=condition=Complete job/%s), or stop it first (clusterfit cancel config=<the release's config>), then upgrade" $.Release.Name .metadata.name $.Release.Namespace .metadata.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "clusterfit.serviceAccountName" -}}
