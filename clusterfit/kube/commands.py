@@ -30,7 +30,7 @@ import yaml
 from clusterfit.artifacts.layout import pod_log, step_folders
 from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Conflict, Kube, KubeError, load_api_client
-from clusterfit.kube.controller import Controller, ControllerError, joined_logs, refuse_other_jobs, step_done
+from clusterfit.kube.controller import Controller, ControllerError, refuse_other_jobs, step_done
 from clusterfit.kube.lease import hold_experiment
 from clusterfit.kube.manifests import (
     CONTAINER,
@@ -40,6 +40,7 @@ from clusterfit.kube.manifests import (
     build_config_map,
     job_name,
 )
+from clusterfit.kube.pod_logs import joined_logs
 from clusterfit.kube.status import FINISHED, condition_text, master_pod, restarts, verdict
 from clusterfit.lease import LeaseError
 from clusterfit.storage import StorageError, Store, open_store

@@ -20,16 +20,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from clusterfit.artifacts.layout import MANIFEST, pod_log, step_folders
+from clusterfit.artifacts.layout import MANIFEST, step_folders
 from clusterfit.config import Config
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
 from clusterfit.kube.manifests import CONTAINER, build_step_job, job_name
+from clusterfit.kube.pod_logs import PodLogs, StepPods
 from clusterfit.kube.status import (
     FINISHED,
-    Retries,
     condition_text,
     container_problems,
     crashed,
@@ -43,22 +42,13 @@ from clusterfit.kube.status import (
     start_problems,
     verdict,
 )
-from clusterfit.storage import StorageError, Store
+from clusterfit.storage import Store
 
 if TYPE_CHECKING:
     from clusterfit.lease import Lease
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-RESTART_MARK = "\n---- the container restarted; the log of the new one follows ----\n"
-
-
-def joined_logs(crashed: str, current: str) -> str:
-    """A pod's log across a restart: the crashed container's, then the new one's (when it has written any)."""
-    if not crashed or crashed == current:
-        return current
-    return f"{crashed}{RESTART_MARK}{current}" if current else crashed
 
 
 class ControllerError(RuntimeError):
@@ -103,23 +93,6 @@ def step_done(store: Store, folders: list[str]) -> bool:
     return bool(folders) and all(store.exists(f"{folder}/{MANIFEST}") for folder in folders)
 
 
-@dataclass
-class StepPods:
-    """What the controller saw of one step's pods while the step ran. Kept here because the operator
-    deletes a failed job's running pods (and with them their logs and status)."""
-
-    stuck_since: dict[tuple[str, str], float] = field(default_factory=dict)
-    restarts: dict[str, int] = field(default_factory=dict)
-    crash_logs: dict[str, str] = field(default_factory=dict)  # pod -> log of its last crashed container
-    logs: dict[str, str] = field(default_factory=dict)  # pod -> its log as last read (crashed container's first)
-    logs_read_at: float = float("-inf")  # time.monotonic() of the last reading of the running pods' logs
-    problems: list[str] = field(default_factory=list)  # OOMKilled, exit codes, ... in the order seen
-    retries: Retries = field(default_factory=Retries)  # pods recreated and restarted (kube/status.py)
-
-    def note(self, found: list[str]) -> None:
-        self.problems += [p for p in found if p not in self.problems]
-
-
 def tail(text: str, lines: int) -> list[str]:
     return text.splitlines()[-lines:] if lines else []
 
@@ -148,6 +121,7 @@ class Controller:
         self.owner = owner
         self.lease = lease
         self.settings = cfg.KUBERNETES.CONTROLLER
+        self.logs = PodLogs(kube, store, self.settings)
         self.current: str | None = None
 
     def run(self) -> None:
@@ -161,7 +135,7 @@ class Controller:
             self.current = job["metadata"]["name"]
             seen = StepPods()
             job = self.follow(step, job, seen, deadline)
-            logs = self.outlast(deadline, self.save_logs, step, job, seen)
+            logs = self.outlast(deadline, self.logs.save_all, step, job, seen)
             if verdict(job) == "Failed":
                 raise ControllerError(self.failure_report(step, job, logs, seen))
             self.check_outputs(step, job)
@@ -341,80 +315,14 @@ class Controller:
             name = pod["metadata"]["name"]
             if restarts(pod) > seen.restarts.get(name, 0) or (crashed(pod) and name not in seen.crash_logs):
                 seen.note(list(container_problems(name, pod.get("status") or {})))
-                self.keep_crash_log(step, name, previous=not crashed(pod), seen=seen)
+                self.logs.keep_crash(step, name, previous=not crashed(pod), seen=seen)
             seen.restarts[name] = restarts(pod)
-        self.save_running_logs(step, pods, seen)
+        self.logs.save_running(step, pods, seen)
         seen.retries.see(pods)
         memory = getattr(self.cfg.KUBERNETES.RESOURCES, step.upper()).MEMORY
         problem = retry_problem(step, pods, seen.retries, self.cfg.KUBERNETES.BACKOFF_LIMIT, memory)
         if problem:
             raise ControllerError(f"{self.retry_failure(step, job, problem, pods, seen)}\n{self.halt(step, job)}")
-
-    def keep_crash_log(self, step: str, pod: str, previous: bool, seen: StepPods) -> None:
-        """The log of the pod's crashed container (the instance before its restart when `previous`)."""
-        try:
-            text = self.kube.read_log(pod, CONTAINER, previous=previous, max_bytes=self.settings.LOG_MAX_BYTES)
-        except KubeError as exc:
-            log.warning("step %s: cannot read the log of crashed pod %s: %s", step, pod, exc)
-            return
-        seen.crash_logs[pod] = text
-        self.save_log(step, pod, seen)  # with the new container's log after it, once it has written some
-
-    def save_running_logs(self, step: str, pods: list[dict[str, Any]], seen: StepPods) -> None:
-        """Every LOG_SAVE_INTERVAL_S, save the log of each pod whose container has started. One try each: a
-        kubelet the API server cannot reach must not hold up following the job."""
-        now = time.monotonic()
-        if not self.settings.SAVE_LOGS or now - seen.logs_read_at < self.settings.LOG_SAVE_INTERVAL_S:
-            return
-        seen.logs_read_at = now
-        for pod in pods:
-            if (pod.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed"):
-                self.save_log(step, pod["metadata"]["name"], seen, retry_s=0)
-
-    def save_log(self, step: str, pod: str, seen: StepPods, retry_s: float | None = None) -> None:
-        """Read the pod's log, after its crashed container's when there was a crash, into `seen.logs`, and save it
-        when it changed."""
-        try:
-            current = self.kube.read_log(pod, CONTAINER, max_bytes=self.settings.LOG_MAX_BYTES, retry_s=retry_s)
-        except KubeError as exc:
-            log.warning("step %s: cannot read the log of pod %s: %s", step, pod, exc)
-            return
-        text = joined_logs(seen.crash_logs.get(pod, ""), current)
-        if text != seen.logs.get(pod):
-            self.put_log(step, pod, text, again=pod in seen.logs)
-            seen.logs[pod] = text
-
-    def put_log(self, step: str, pod: str, text: str, again: bool = False) -> None:
-        """Save the log to <root>/logs/<step>/<pod>.log (announced the first time, `again` False)."""
-        if not self.settings.SAVE_LOGS:
-            return
-        try:
-            self.store.put_bytes(pod_log(step, pod), text.encode())
-        except StorageError as exc:
-            log.warning("step %s: cannot save the log of pod %s: %s", step, pod, exc)
-            return
-        level = logging.DEBUG if again else logging.INFO
-        log.log(level, "step %s: saved the log of pod %s to %s", step, pod, self.store.uri(pod_log(step, pod)))
-
-    def save_logs(self, step: str, job: dict[str, Any], seen: StepPods) -> dict[str, str]:
-        """Every pod's log, also saved to <root>/logs/<step>/<pod>.log before clean-up or TTL removes the
-        pods: the current container's, after the last crashed one's when there was a crash. Raises
-        Unreachable when the pods cannot be listed (the caller tries again)."""
-        logs = {**seen.crash_logs, **seen.logs}  # pods the operator has deleted keep what was seen of them
-        try:
-            pods = self.kube.list_pods(job["metadata"]["name"])
-        except Unreachable:
-            raise
-        except KubeError as exc:
-            log.warning("step %s: cannot list its pods to save their logs: %s", step, exc)
-            return logs
-        for pod in pods:
-            name = pod["metadata"]["name"]
-            seen.note(list(container_problems(name, pod.get("status") or {})))
-            self.save_log(step, name, seen)
-            if name in seen.logs:
-                logs[name] = seen.logs[name]
-        return logs
 
     def failure_report(self, step: str, job: dict[str, Any], logs: dict[str, str], seen: StepPods) -> str:
         """The Failed condition, the pods' problems and events (also of pods already deleted, as seen

@@ -17,7 +17,7 @@ import pytest
 
 from clusterfit.kube import commands
 from clusterfit.kube.client import last_bytes
-from clusterfit.kube.controller import RESTART_MARK
+from clusterfit.kube.pod_logs import RESTART_MARK
 from clusterfit.storage import open_store
 from tests.infra.controlplane import ControlPlane
 from tests.kube.helpers_controller import Experiment, FakeKubelet, FakeOperator, Script, container_status
