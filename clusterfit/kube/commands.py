@@ -105,7 +105,7 @@ def ensure_config_map(kube: Kube, cfg: Config, owner_name: str | None) -> tuple[
     """The ConfigMap the step pods read their config from, and the ownerReference to it.
 
     With --owner-configmap (the chart) it must exist: the controller may only `get` ConfigMaps.
-    Without, it is this config's immutable, content-addressed one (`manifests.config_map_name`), created
+    Without, it is this config's immutable, content-addressed one (`manifests.build_config_map`), created
     when absent; another config is another ConfigMap, so a job started earlier keeps reading its own.
     """
     if owner_name:

@@ -308,30 +308,23 @@ def build_step_job(
     return job
 
 
-def config_digest(cfg: Config) -> str:
-    """sha256 of the config.yaml every step reads."""
-    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()
-
-
-def config_map_name(cfg: Config) -> str:
-    """`<experiment>-config-<10 hex digits of its digest>`: another config is another ConfigMap."""
-    return f"{cfg.EXPERIMENT.NAME}-config-{config_digest(cfg)[:10]}"
-
-
 def build_config_map(cfg: Config, name: str | None = None) -> dict[str, Any]:
     """The immutable ConfigMap whose `config.yaml` is the resolved experiment config every step reads:
-    a pod restarted later reads what its job was created with."""
+    a pod restarted later reads what its job was created with. Unless named, it is
+    `<experiment>-config-<10 hex digits of the config's sha256>`: another config is another ConfigMap."""
+    text = to_yaml(cfg)
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": name or config_map_name(cfg),
+            "name": name or f"{cfg.EXPERIMENT.NAME}-config-{digest[:10]}",
             "namespace": cfg.KUBERNETES.NAMESPACE,
             "labels": labels(cfg, "config"),
-            "annotations": {CONFIG_DIGEST_ANNOTATION: config_digest(cfg)},
+            "annotations": {CONFIG_DIGEST_ANNOTATION: digest},
         },
         "immutable": True,
-        "data": {"config.yaml": to_yaml(cfg)},
+        "data": {"config.yaml": text},
     }
 
 

@@ -426,5 +426,11 @@ class FakeOperator:
             retry(lambda event=event: self.core.create_namespaced_event(self.namespace, event))
 
 
+def oom_restarted() -> dict[str, Any]:
+    """The step container's status once the kubelet restarted it after an OOMKilled run."""
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    return {**container_status("clusterfit:test", {"running": {}}, restarts=1), "lastState": oom}
+
+
 def container_status(image: str, state: dict[str, Any], restarts: int = 0) -> dict[str, Any]:
     return {"name": "pytorch", "image": image, "imageID": "", "ready": False, "restartCount": restarts, "state": state}

@@ -43,6 +43,7 @@ from tests.kube.helpers_controller import (
     container_status,
     grant_controller_role,
     normalized_rules,
+    oom_restarted,
     used_rules,
     write_config,
 )
@@ -250,8 +251,7 @@ def test_the_log_and_reason_of_a_crashed_pod_survive_its_deletion(
 ) -> None:
     config, cfg = ex.config(steps=["cluster", "train"], POD_CHECK_INTERVAL_S=1)
     log = "".join(f"assigning part {i}\n" for i in range(80)) + "Killed\n"
-    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
-    restarted = {**container_status("clusterfit:test", {"running": {}}, restarts=1), "lastState": oom}
+    restarted = oom_restarted()
     failed = ("PyTorchJobFailed", "PyTorchJob fit-cluster is failed because 1 Master replica(s) failed.")
     crash = Script(
         fail=failed,
@@ -369,8 +369,7 @@ def test_the_controller_role_is_exactly_what_the_chart_controller_calls(
     # A step that runs past a Lease renewal, then one whose container is OOMKilled: the controller reads its
     # crashed log and the events, and suspends the job (the operator would recreate the pod until the deadline).
     slow = Script(hold=threading.Event())
-    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
-    restarted = {**container_status("clusterfit:test", {"running": {}}, restarts=1), "lastState": oom}
+    restarted = oom_restarted()
     killed = Script(
         hold=threading.Event(), log="cluster: boom\n", pod_status={"phase": "Running", "containerStatuses": [restarted]}
     )
