@@ -70,6 +70,22 @@ def read_lease(ex: Experiment) -> dict[str, Any] | None:
     return dict(ex.cp.api_client().sanitize_for_serialization(found))
 
 
+def take_over(ex: Experiment, lease: dict[str, Any]) -> None:
+    """Replace the held Lease as another controller would: read, write with the read resourceVersion, and
+    read again when the holder's heartbeat renewed it in between (409 Conflict)."""
+    deadline = time.monotonic() + 30
+    while True:
+        current = read_lease(ex)
+        assert current is not None
+        lease["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        try:
+            leases(ex).replace_namespaced_lease("fit-controller", ex.namespace, lease)
+            return
+        except ApiException as exc:
+            if exc.status != 409 or time.monotonic() > deadline:
+                raise
+
+
 def foreign_lease(holder: str, host: str, renewed: float, duration_s: int) -> dict[str, Any]:
     owner = {"id": holder, "host": host, "pid": 4242, "user": "", "command": "clusterfit submit config=other"}
     return {
@@ -140,11 +156,7 @@ def test_a_controller_whose_lease_is_taken_over_creates_no_further_job(
     with FakeOperator(ex, cfg, {"extract": Script(hold=hold)}) as operator:
         thread, result = in_background(ex, config)
         assert operator.scripts["extract"].running.wait(timeout=60)
-        current = read_lease(ex)
-        assert current is not None
-        usurper = foreign_lease("usurper", "other-host", time.time(), 600)
-        usurper["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        leases(ex).replace_namespaced_lease("fit-controller", ex.namespace, usurper)
+        take_over(ex, foreign_lease("usurper", "other-host", time.time(), 600))
         deadline = time.monotonic() + 30
         while "was taken over by other-host pid 4242" not in caplog.text:  # the heartbeat notices
             assert time.monotonic() < deadline, caplog.text[-2000:]
