@@ -27,10 +27,11 @@ from typing import Any
 
 import yaml
 
-from clusterfit.artifacts.layout import pod_log, step_folders
+from clusterfit.artifacts.layout import pod_log
+from clusterfit.artifacts.manifest import ArtifactError
 from clusterfit.config import Config, config_from_args
 from clusterfit.kube.client import Conflict, Kube, KubeError, load_api_client
-from clusterfit.kube.controller import Controller, ControllerError, refuse_other_jobs, step_done
+from clusterfit.kube.controller import Controller, ControllerError, outdated_keys, refuse_other_jobs
 from clusterfit.kube.lease import hold_experiment
 from clusterfit.kube.manifests import (
     CONTAINER,
@@ -245,10 +246,12 @@ def step_jobs(cfg: Config, kube: Kube, steps: list[str] | None = None) -> list[t
 
 
 def outputs_state(store: Store, cfg: Config, step: str) -> str:
+    """`published`, `outdated` (published before a key the step reads changed: a submit reruns it) or `-`."""
     try:
-        return "published" if step_done(store, step_folders(cfg, step)) else "-"
-    except StorageError as exc:
+        outdated = outdated_keys(cfg, store, step)
+    except (StorageError, ArtifactError) as exc:
         return f"unknown ({exc})"
+    return "-" if outdated is None else "outdated" if outdated else "published"
 
 
 @guarded

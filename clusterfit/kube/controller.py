@@ -23,7 +23,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from clusterfit.artifacts.layout import MANIFEST, step_folders
+from clusterfit.artifacts.manifest import read_manifest
 from clusterfit.config import Config
+from clusterfit.config.reads import changed_keys
 from clusterfit.kube.client import Backoff, Conflict, Gone, Kube, KubeError, Unreachable
 from clusterfit.kube.manifests import CONTAINER, build_step_job, job_name
 from clusterfit.kube.pod_logs import PodLogs, StepPods
@@ -76,9 +78,7 @@ def plan(existing: dict[str, Any] | None, desired: dict[str, Any]) -> str:
 def refuse_other_jobs(cfg: Config, kube: Kube, store: Store) -> None:
     """Before anything is created: raise ControllerError when a step still to run has a job of another spec
     (what `Controller.start` would find only when it reaches that step, after a ConfigMap was made for nothing)."""
-    for step in cfg.PIPELINE.STEPS:
-        if step_done(store, step_folders(cfg, step)):
-            continue
+    for step in steps_to_run(cfg, store):
         existing = kube.get_job(job_name(cfg, step))
         if existing is not None and not existing["metadata"].get("deletionTimestamp"):
             plan(existing, build_step_job(cfg, step, config_map_name=""))
@@ -89,8 +89,32 @@ def name_of(obj: dict[str, Any]) -> str:
 
 
 def step_done(store: Store, folders: list[str]) -> bool:
-    """All the step's folders hold their `_SUCCESS.json` (what `clusterfit run` skips on, too)."""
+    """All the step's folders hold their `_SUCCESS.json`."""
     return bool(folders) and all(store.exists(f"{folder}/{MANIFEST}") for folder in folders)
+
+
+def outdated_keys(cfg: Config, store: Store, step: str) -> list[str] | None:
+    """None when the step has not published; else the keys it reads that changed since its manifests were
+    written (`changed_keys`; []: its outputs stand for this config)."""
+    folders = step_folders(cfg, step)
+    if not step_done(store, folders):
+        return None
+    return sorted({key for f in folders for key in changed_keys(read_manifest(store, f).get("config", {}), cfg, step)})
+
+
+def steps_to_run(cfg: Config, store: Store) -> dict[str, str]:
+    """{step: why} from the first step not published with this config on; the steps after it run too, their
+    inputs may change (a step's pod skips itself when its fingerprint, config and inputs, is unchanged)."""
+    steps: list[str] = list(cfg.PIPELINE.STEPS)
+    for i, step in enumerate(steps):
+        outdated = outdated_keys(cfg, store, step)
+        if outdated == []:
+            continue
+        why = "not published yet"
+        if outdated:
+            why = f"published before {', '.join(outdated[:4])}{', ...' if len(outdated) > 4 else ''} changed"
+        return {step: why} | {later: f"runs after {step}" for later in steps[i + 1 :]}
+    return {}
 
 
 def tail(text: str, lines: int) -> list[str]:
@@ -126,10 +150,12 @@ class Controller:
 
     def run(self) -> None:
         """Every step in order; raises ControllerError (with the failure report) when one fails."""
+        todo = steps_to_run(self.cfg, self.store)
         for step in self.cfg.PIPELINE.STEPS:
-            if step_done(self.store, step_folders(self.cfg, step)):
-                log.info("step %s: already done (its %s exists): skipped", step, MANIFEST)
+            if step not in todo:
+                log.info("step %s: already done with this config (its %s): skipped", step, MANIFEST)
                 continue
+            log.info("step %s: %s", step, todo[step])
             deadline = time.monotonic() + self.settings.STEP_TIMEOUT_S
             job = self.outlast(deadline, self.start, step)
             self.current = job["metadata"]["name"]

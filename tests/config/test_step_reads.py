@@ -1,11 +1,12 @@
 """clusterfit.config.reads against the steps' own fingerprints: a key outside a step's reads never
 changes what the local run skips that step on, so a job adopted across such an edit is the job the
-local run would have kept."""
+local run would have kept; and every key the fingerprint depends on makes a published step outdated
+for the controller (`changed_keys`), so it never skips a step the local run would redo."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from clusterfit.artifacts.lineage import StartWeights
 from clusterfit.config import STEPS, Config, load_config
-from clusterfit.config.reads import STEP_READS, covered, step_config_hash
+from clusterfit.config.reads import OPERATIONAL, STEP_READS, changed_keys, covered, leaves, step_config_hash
 from clusterfit.steps import cluster, evaluate, extract, pretrain, train
 
 
@@ -31,15 +32,6 @@ def fingerprints() -> dict[str, Callable[[Config], str]]:
         "train": lambda cfg: train.fingerprint(cfg, "labels", cfg.CLUSTERFIT.NUM_CLUSTERS),
         "evaluate": lambda cfg: evaluate.fingerprint(cfg, {"train": "checkpoint"}),
     }
-
-
-def leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{path}.")
-        else:
-            yield path, value
 
 
 def candidates(value: Any) -> list[Any]:
@@ -60,7 +52,7 @@ def candidates(value: Any) -> list[Any]:
 def mutated(base: dict[str, Any], path: str) -> Config | None:
     """The config with `path` changed to the first other value the schema accepts, or None."""
     *parents, last = path.split(".")
-    original = dict(leaves(base))[path]
+    original = leaves(base)[path]
     for value in candidates(original):
         if value == original:
             continue
@@ -81,7 +73,7 @@ def edits() -> tuple[Config, dict[str, Config]]:
     """The quickstart config, and for each key the schema lets change, the config with it changed."""
     cfg = load_config("quickstart")
     base = cfg.model_dump(mode="json")
-    changed = {path: mutated(base, path) for path, _ in leaves(base)}
+    changed = {path: mutated(base, path) for path in leaves(base)}
     return cfg, {path: c for path, c in changed.items() if c is not None}
 
 
@@ -91,16 +83,23 @@ def test_a_key_outside_a_steps_reads_never_changes_its_fingerprint(
 ) -> None:
     cfg, changes = edits
     fingerprint = fingerprints()[step]
-    before, tried, missed = fingerprint(cfg), 0, []
+    published = cfg.model_dump(mode="json")  # what the step's _SUCCESS.json keeps
+    before, tried, missed, unnoticed = fingerprint(cfg), 0, [], []
     for path, changed in changes.items():
         tried += 1
+        outdated = changed_keys(published, changed, step)
         if fingerprint(changed) != before and not covered(path, step):
             missed.append(path)
+        if fingerprint(changed) != before and outdated != [path]:
+            unnoticed.append(path)
         if not covered(path, step):
             assert step_config_hash(changed, step) == step_config_hash(cfg, step), path
+            assert outdated == [], path
         else:
             assert step_config_hash(changed, step) != step_config_hash(cfg, step), path
+            assert outdated in ([], [path]), (path, outdated)
     assert not missed, f"step {step}'s fingerprint reads {missed}, which STEP_READS[{step!r}] does not list"
+    assert not unnoticed, f"step {step}'s fingerprint reads {unnoticed}, which changed_keys ignores (OPERATIONAL?)"
     assert tried > 100, f"only {tried} keys could be changed: the test would prove little"
 
 
@@ -112,3 +111,14 @@ def test_an_evaluate_edit_leaves_train_alone_but_the_supervised_baseline_does_no
     assert step_config_hash(protocol, "evaluate") != step_config_hash(cfg, "evaluate")
     assert step_config_hash(baselines, "train") != step_config_hash(cfg, "train")
     assert set(STEP_READS) == set(STEPS)
+
+
+def test_a_published_config_from_an_older_version_is_outdated_in_the_keys_it_lacks() -> None:
+    cfg = load_config("quickstart")
+    published = cfg.model_dump(mode="json")
+    del published["EVALUATE"]["LINEAR_EPOCHS"]
+    published["LOG"] = {}
+    assert changed_keys(published, cfg, "evaluate") == ["EVALUATE.LINEAR_EPOCHS"]
+    assert changed_keys(published, cfg, "train") == []
+    everything = changed_keys({}, cfg, "cluster")  # a manifest without a config: every key but the operational
+    assert "CLUSTERFIT.NUM_CLUSTERS" in everything and not any(key.startswith(OPERATIONAL) for key in everything)

@@ -375,7 +375,8 @@ class FakeOperator:
             self._status(name, conditions)
             return
         for folder in step_folders(self.cfg, step):
-            self.store.put_bytes(f"{folder}/{MANIFEST}", json.dumps({"step": step}).encode())
+            manifest = {"step": step, "config": self.cfg.model_dump(mode="json")}  # as artifacts.publish writes it
+            self.store.put_bytes(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
         conditions.append(
             condition("Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed.")
         )
@@ -388,7 +389,13 @@ class FakeOperator:
             spec["nodeName"] = self.kubelet.node
             self.kubelet.logs[f"{self.namespace}/{pod}/pytorch"] = log
         body = {"metadata": {"name": pod, "labels": {JOB_LABEL: job}}, "spec": spec}
-        retry(lambda: self.core.create_namespaced_pod(self.namespace, body))
+        try:
+            retry(lambda: self.core.create_namespaced_pod(self.namespace, body))
+        except ApiException as exc:  # a deleted job's pod: the garbage collector (not running here) would delete it
+            if exc.status != 409:
+                raise
+            retry(lambda: self.core.delete_namespaced_pod(pod, self.namespace, grace_period_seconds=0))
+            retry(lambda: self.core.create_namespaced_pod(self.namespace, body))
         retry(lambda: self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status}))
         return pod
 

@@ -477,6 +477,39 @@ def test_refuses_a_different_job_and_reports_one_that_vanished(
     assert "PyTorchJob fit-extract was deleted before it finished" in capsys.readouterr().err
 
 
+def test_a_resubmit_reruns_from_the_first_step_whose_keys_changed_and_skips_the_rest(
+    ex: Experiment, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    config, cfg = ex.config(steps=["extract", "cluster", "train", "evaluate"])
+    base = [f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
+    caplog.set_level(logging.INFO)
+    with FakeOperator(ex, cfg) as operator:
+        assert ex.submit(config) == 0
+        tree = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump(tree | {"LOG": {"PROGRESS_INTERVAL_S": 5.0}}))  # how it runs, not what
+        capsys.readouterr()
+        assert ex.submit(config) == 0
+        assert "experiment fit: all steps done" in caplog.text
+        assert operator.names() == ["fit-extract", "fit-cluster", "fit-train", "fit-evaluate"]  # nothing rerun
+
+        config.write_text(yaml.safe_dump(tree | {"EVALUATE": {"LINEAR_EPOCHS": 3}}))  # a key only evaluate reads
+        assert commands.cli_status(base) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert [line.split()[3] for line in table[1:]] == ["published", "published", "published", "outdated"]
+        assert ex.submit(config) == 1  # its finished job has the old config's spec: the workstation deletes it
+        assert "a PyTorchJob named fit-evaluate already exists with a different spec" in capsys.readouterr().err
+        assert commands.cli_cancel([*base, "evaluate"]) == 0
+        caplog.clear()
+        operator.cfg = config_from_args([f"config={config}"])  # the step publishes with the config it ran
+        assert ex.submit(config) == 0
+        for step in ("extract", "cluster", "train"):
+            assert f"step {step}: already done with this config" in caplog.text
+        assert "step evaluate: published before EVALUATE.LINEAR_EPOCHS changed" in caplog.text
+        assert ex.submit(config) == 0  # and now it is done with this config
+
+    assert operator.names()[4:] == ["fit-evaluate"]  # evaluate alone, once
+
+
 def test_status_logs_and_cancel(ex: Experiment, capsys: pytest.CaptureFixture[str]) -> None:
     config, cfg = ex.config(steps=["extract", "cluster"])
     base = [f"config={config}", "--kubeconfig", str(ex.cp.kubeconfig_path)]
