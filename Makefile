@@ -4,6 +4,9 @@
 #                     the fast ones, then the pipeline on a real single-node Kubernetes cluster and the
 #                     storage fault tests (MinIO behind toxiproxy, a full tmpfs) (root)
 VENV ?= .venv
+# The fast tests run on this many pytest-xdist workers, each module on one (its fixtures built once),
+# each worker with its own etcd, kube-apiserver and S3 server; most of them wait on servers or on one core.
+WORKERS ?= 2
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 
@@ -38,7 +41,7 @@ lint: $(VENV)/.installed
 # and the fault tests (both need the node's build: MinIO, toxiproxy).
 test: node-prep $(VENV)/.installed lint
 	bash tests/infra/build_bins.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile
 	bash tests/infra/prepare_node.sh wait
 	$(PY) -m pytest -m "node or faults" tests/node tests/faults
 
@@ -46,7 +49,7 @@ test: node-prep $(VENV)/.installed lint
 unit: $(VENV)/.installed lint
 	bash tests/infra/install_node_deps.sh
 	bash tests/infra/build_bins.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile
 
 # Only the real-node tests: the cluster starts, the scenarios run, the cluster goes (root).
 e2e: $(VENV)/.installed

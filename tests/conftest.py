@@ -72,6 +72,17 @@ def run_ok(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return proc
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Captured output as text a pytest-xdist worker can send: a file name that is not UTF-8 (the
+    fuzz tests make them) reaches the log as surrogate escapes, which would crash the worker."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
+    ]
+
+
 @pytest.fixture(params=["file", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """The same tests on both backends: a local folder and a prefix of a fresh bucket."""
