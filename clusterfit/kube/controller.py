@@ -7,8 +7,10 @@ Decisions are pure functions of the objects the API server returns (`kube.status
 `pod_problems`, `start_problems`; here `plan`), so recorded status sequences test them;
 `Controller` makes the calls. A job is finished only when its `Failed` or `Succeeded` condition is
 True (Failed checked first); a job that disappears after it was seen is lost, never a success. A
-pod that cannot start fails the step after POD_START_TIMEOUT_S. The experiment's Lease
-(clusterfit/kube/lease.py) keeps a second controller out; one that lost it starts nothing more.
+pod that cannot start fails the step after POD_START_TIMEOUT_S. A step published with the same values
+of the keys it reads is skipped; from the first that is not (`steps_to_run`) on, every step runs.
+The experiment's Lease (clusterfit/kube/lease.py) keeps a second controller out; one that lost it
+starts nothing more.
 An API server that is unreachable or failing (a restart, an upgrade) pauses the controller, with a
 warning every try, until the step's STEP_TIMEOUT_S. The pods' logs are saved while the step runs
 (the operator deletes a failed job's pods, and their logs with them). Imports neither torch nor faiss.
