@@ -35,7 +35,12 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 
 def covered(path: str, step: str) -> bool:
     """Whether the dotted key `path` (say EVALUATE.PROTOCOL) is among what `step` reads."""
-    return any(path == key or path.startswith(f"{key}.") for key in STEP_READS[step])
+    return under(path, STEP_READS[step])
+
+
+def under(path: str, keys: tuple[str, ...]) -> bool:
+    """Whether the dotted key `path` is one of `keys` or inside one of them."""
+    return any(path == key or path.startswith(f"{key}.") for key in keys)
 
 
 def step_config(cfg: Config, step: str) -> dict[str, Any]:
@@ -84,7 +89,7 @@ def changed_keys(published: dict[str, Any], cfg: Config, step: str) -> list[str]
     before = leaves(pick(published, STEP_READS[step]))
     missing = object()
     changed = (key for key in now.keys() | before.keys() if now.get(key, missing) != before.get(key, missing))
-    return sorted(key for key in changed if not any(key == op or key.startswith(f"{op}.") for op in OPERATIONAL))
+    return sorted(key for key in changed if not under(key, OPERATIONAL))
 
 
 def step_config_hash(cfg: Config, step: str) -> str:
